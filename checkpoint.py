@@ -1,0 +1,123 @@
+"""Checkpoints: written atomically by one rank, read with ``weights_only=True``, prefixes tolerated."""
+import collections
+import os
+import pickle
+import shutil
+import tempfile
+
+import torch
+
+from utils import UserError
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def plain_args(args):
+    """The command line as plain types, so the checkpoint stays loadable with weights_only=True."""
+    plain = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            value = str(value)
+        plain[key] = value
+    return plain
+
+
+def _atomic_write(write, path):
+    """Write to a temporary file in the target folder, flush it to disk, then rename over ``path``.
+
+    A crash (or kill -9) mid-write leaves the previous file untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def save_checkpoint(state, is_best, output_dir):
+    """``checkpoint.pth.tar`` always, and a copy as ``model_best.pth.tar`` when it is the best so far."""
+    path = os.path.join(output_dir, CHECKPOINT_NAME)
+    try:
+        _atomic_write(lambda handle: torch.save(state, handle), path)
+        if is_best:
+            def copy(handle):
+                with open(path, "rb") as source:
+                    shutil.copyfileobj(source, handle)
+            _atomic_write(copy, os.path.join(output_dir, BEST_NAME))
+    except OSError as exc:
+        raise UserError(f"cannot write checkpoint in {output_dir}: {exc.strerror or exc}") from None
+    return path
+
+
+def load_file(path):
+    """Load a checkpoint or weights file on the CPU, refusing anything that is not plain tensors and types."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"refusing to load {path}: it holds pickled objects that weights_only loading does not "
+                        f"allow (it could run code) - {first_line}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+def model_state(obj):
+    """The model's state dict from a file's content: ours (``state_dict``), ``model``-keyed, or a bare state dict,
+    with any ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefixes removed."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError("the file holds no model state dict")
+    state = collections.OrderedDict((_strip_prefixes(key), value) for key, value in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if metadata is not None:
+        # Keeps the version marker that MnasNet's loader uses to read torchvision's version-1 checkpoints.
+        state._metadata = collections.OrderedDict((_strip_prefixes(k), v) for k, v in metadata.items())
+    return state
+
+
+def _strip_prefixes(key):
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def load_model_weights(model, obj, arch, source):
+    """Load a loaded file's model state into ``model``, with a one-line error naming what does not fit."""
+    saved_arch = obj.get("arch") if isinstance(obj, dict) else None
+    if isinstance(saved_arch, str) and saved_arch != arch:
+        raise UserError(f"{source} holds a {saved_arch} model, but -a/--arch is {arch}")
+    state = model_state(obj)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if state[k].shape != own[k].shape]
+    if wrong:
+        key, theirs, ours = wrong[0]
+        if key.startswith("classifier"):
+            raise UserError(f"{source} was trained for {theirs[0]} classes, but the data has {ours[0]}")
+        raise UserError(f"{source} does not fit {arch}: {key} has shape {theirs}, expected {ours}")
+    model.load_state_dict(state)

@@ -1,0 +1,310 @@
+"""The device layer: which accelerator, which process group, which precision engine.
+
+Everything that differs between Ascend NPUs (torch_npu, HCCL, Ascend apex), NVIDIA GPUs (CUDA, NCCL)
+and the CPU (gloo) is decided here, once. The train and eval loops only call the objects built here.
+"""
+import contextlib
+import datetime
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from utils import UserError
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _npu_available():
+    """Import torch_npu (only ever imported here) and report whether it sees a device."""
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError:
+        return False
+    return torch.npu.is_available() and torch.npu.device_count() > 0
+
+
+def resolve_device_kind(requested):
+    """Map --device to 'npu', 'cuda' or 'cpu', checking that the device is really there."""
+    requested = "cuda" if requested == "gpu" else requested
+    if requested == "auto":
+        if _npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "npu":
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError as exc:
+            raise UserError(f"--device npu: torch_npu cannot be imported ({exc}); install the Ascend PyTorch "
+                            "plugin and source the CANN set_env.sh") from None
+        if not (torch.npu.is_available() and torch.npu.device_count() > 0):
+            raise UserError("--device npu: torch_npu is installed but sees no NPU")
+    elif requested == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is visible to PyTorch")
+    return requested
+
+
+def device_module(kind):
+    """torch.npu / torch.cuda, which share the same API; None for the CPU."""
+    return getattr(torch, kind) if kind in ("npu", "cuda") else None
+
+
+def device_count(kind):
+    return device_module(kind).device_count() if kind != "cpu" else os.cpu_count() or 1
+
+
+def parse_device_list(text, kind):
+    """'0,1,2' -> [0, 1, 2], each checked against the devices present."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise UserError(f"--device-list must be comma-separated integers, got {text!r}") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise UserError(f"--device-list must list distinct non-negative device ids, got {text!r}")
+    if kind != "cpu":
+        present = device_count(kind)
+        missing = [i for i in ids if i >= present]
+        if missing:
+            raise UserError(f"--device-list asks for {kind} device(s) {missing}, but only {present} are present")
+    return ids
+
+
+def launched_by_torchrun():
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(worker, args):
+    """Run ``worker(local_rank, args)`` in the right number of processes.
+
+    torchrun (or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK) already made the processes; the
+    reference's 8p mode spawns one per entry of --device-list on this node; otherwise one process.
+    """
+    if launched_by_torchrun():
+        worker(int(os.environ["LOCAL_RANK"]), args)
+    elif args.multiprocessing_distributed:
+        nprocs = len(args.device_ids)
+        if args.dist_url == "env://":
+            # One node, no rendezvous given: a free local port, so two jobs on one host never collide.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        try:
+            mp.spawn(worker, args=(args,), nprocs=nprocs, join=True)
+        except mp.ProcessExitedException as exc:
+            # The failing worker already said why; exit with its status rather than a traceback.
+            raise SystemExit(exc.exit_code or 1) from None
+    else:
+        worker(0, args)
+
+
+@dataclass
+class Runtime:
+    """Where this process runs and with whom."""
+    kind: str
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def label_dtype(self):
+        # Ascend kernels take int32 class indices; CUDA and CPU losses want int64.
+        return torch.int32 if self.kind == "npu" else torch.int64
+
+    @property
+    def pin_memory(self):
+        return self.kind != "cpu"
+
+    def synchronize(self):
+        if self.kind != "cpu":
+            device_module(self.kind).synchronize(self.device)
+
+    def all_reduce_sum(self, tensor):
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_buffers(self, model):
+        """Give every rank rank 0's BatchNorm statistics, so all ranks evaluate the weights that rank 0 saves."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def max_memory_allocated(self):
+        return device_module(self.kind).max_memory_allocated(self.device) if self.kind != "cpu" else None
+
+
+def setup_runtime(args, local_rank):
+    """Bind this process to its device and join the process group (a no-op for one process)."""
+    kind = args.device_kind
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif args.multiprocessing_distributed:
+        nprocs = len(args.device_ids)
+        world_size = args.world_size * nprocs
+        rank = args.rank * nprocs + local_rank
+    else:
+        rank, world_size = 0, 1
+
+    if kind == "cpu":
+        device = torch.device("cpu")
+    else:
+        ids = args.device_ids
+        if local_rank >= len(ids):
+            raise UserError(f"local rank {local_rank} has no device: --device-list names only {ids}")
+        device = torch.device(kind, ids[local_rank])
+        device_module(kind).set_device(device)
+
+    if world_size > 1:
+        backend = args.dist_backend or BACKENDS[kind]
+        init_method = args.dist_url if not launched_by_torchrun() else "env://"
+        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind))
+
+
+def _memory_format(choice, kind):
+    # Ascend recommends contiguous NCHW tensors on NPU; channels_last is faster for these convolutions elsewhere.
+    if choice == "auto":
+        choice = "contiguous" if kind == "npu" else "channels_last"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Precision:
+    """fp32, or mixed precision with native torch.amp (autocast + GradScaler) or apex.amp.
+
+    The loops call ``autocast()``, ``step(loss, optimizer)`` and, for checkpoints, ``state_dict()``; which
+    engine is behind them is chosen once in ``build_precision``.
+    """
+
+    name = "fp32"
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss, optimizer):
+        loss.backward()
+
+    def step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss, optimizer)
+        self.optimizer_step(optimizer)
+
+    def optimizer_step(self, optimizer):
+        optimizer.step()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class NativeAmp(Precision):
+    """torch.amp: fp16 with a loss scaler on NPU/CUDA, bf16 (which needs no scaler) on the CPU."""
+
+    def __init__(self, kind, loss_scale):
+        self.device_type = kind
+        self.dtype = torch.bfloat16 if kind == "cpu" else torch.float16
+        self.name = f"native {str(self.dtype).replace('torch.', '')}"
+        options = {"enabled": self.dtype == torch.float16}
+        if loss_scale != "dynamic":
+            # A fixed scale: it never grows, and only backs off when a step overflows.
+            options.update(init_scale=float(loss_scale), growth_interval=2 ** 31 - 1)
+        # Ascend documents its own GradScaler (torch.npu.amp); CUDA and CPU use torch.amp's.
+        self.scaler = torch.npu.amp.GradScaler(**options) if kind == "npu" else torch.amp.GradScaler(kind, **options)
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward(self, loss, optimizer):
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer):
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self):
+        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state):
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class ApexAmp(Precision):
+    """NVIDIA apex.amp, or Ascend's apex fork on NPU (where combine_grad fuses the gradient buffers)."""
+
+    def __init__(self, amp_module, opt_level):
+        self.amp = amp_module
+        self.name = f"apex {opt_level}"
+
+    def backward(self, loss, optimizer):
+        with self.amp.scale_loss(loss, optimizer) as scaled_loss:
+            scaled_loss.backward()
+
+    def state_dict(self):
+        return {"apex": self.amp.state_dict()}
+
+    def load_state_dict(self, state):
+        if "apex" in state:
+            self.amp.load_state_dict(state["apex"])
+
+
+def import_apex_amp():
+    try:
+        return importlib.import_module("apex.amp")
+    except ImportError as exc:
+        raise UserError(f"--amp-backend apex: apex cannot be imported ({exc}); install NVIDIA apex (CUDA) or "
+                        "Ascend apex (NPU), or use the default --amp-backend native") from None
+
+
+def build_optimizer(kind, params, args):
+    """SGD; on NPU with apex, Ascend's fused SGD, which works on apex's combined gradient buffers."""
+    if args.amp and args.amp_backend == "apex" and kind == "npu":
+        from apex.optimizers import NpuFusedSGD
+        return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+
+
+def build_precision(kind, model, optimizer, args):
+    """Returns (model, optimizer, precision); apex wraps the model and optimizer itself."""
+    if not args.amp:
+        return model, optimizer, Precision()
+    if args.amp_backend == "native":
+        return model, optimizer, NativeAmp(kind, args.loss_scale)
+    amp = import_apex_amp()
+    loss_scale = args.loss_scale if args.loss_scale == "dynamic" else float(args.loss_scale)
+    options = {"opt_level": args.opt_level, "loss_scale": loss_scale}
+    if kind == "npu":
+        options["combine_grad"] = True
+    model, optimizer = amp.initialize(model, optimizer, **options)
+    return model, optimizer, ApexAmp(amp, args.opt_level)

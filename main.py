@@ -1,0 +1,330 @@
+"""Train and evaluate MnasNet on ImageNet, on Ascend NPUs, NVIDIA GPUs or the CPU, on one or many devices.
+
+    python main.py /data/imagenet -a mnasnet1_0 --device npu --amp             # 1 device
+    python main.py /data/imagenet --multiprocessing-distributed --device-list 0,1,2,3,4,5,6,7 --amp
+    torchrun --nproc_per_node 8 main.py /data/imagenet --amp                   # also multi-node
+    python main.py                                                             # demo: digits, a few minutes on a CPU
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import checkpoint
+import data
+import device
+import engine
+import mnasnet
+import recipe
+from utils import UserError, seed_everything, setup_logging
+
+DUMMY_CLASSES = 1000
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="MnasNet ImageNet training (NPU / GPU / CPU)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data", nargs="?", metavar="DIR",
+                        help="ImageNet folder with train/ and val/; omitted: the scikit-learn digits demo")
+    parser.add_argument("-a", "--arch", default="mnasnet1_0", choices=sorted(mnasnet.ARCHS))
+    parser.add_argument("--dropout", default=0.2, type=float)
+    parser.add_argument("--bn-momentum", default=0.01, type=float,
+                        help="BatchNorm momentum (torchvision's 0.0003 barely moves the statistics in short runs)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process (default: by CPUs)")
+    group.add_argument("--dummy", action="store_true", help="synthetic ImageNet-sized data, no DIR needed")
+    group.add_argument("--dummy-images", default=1281167, type=int, help="training images in --dummy mode")
+    group.add_argument("--train-crop-size", default=224, type=int)
+    group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
+    group.add_argument("--val-resize-size", default=256, type=int)
+    group.add_argument("--val-crop-size", default=224, type=int)
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", default=90, type=int)
+    group.add_argument("--start-epoch", default=None, type=int, help="epoch to start at (default: 0, or the resumed one)")
+    group.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch, split across processes")
+    group.add_argument("--lr", "--learning-rate", default=0.1, type=float)
+    group.add_argument("--momentum", default=0.9, type=float)
+    group.add_argument("--nesterov", action="store_true")
+    group.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
+    group.add_argument("--decay-norm-and-bias", action="store_true",
+                       help="also apply weight decay to BatchNorm parameters and biases")
+    group.add_argument("--label-smoothing", default=0.1, type=float)
+    group.add_argument("--warmup", default=0, type=float, help="linear warm-up epochs from 0.1x the LR")
+    group.add_argument("--max-steps", default=0, type=int, help="stop each epoch after N steps (0: whole epoch)")
+
+    group = parser.add_argument_group("devices and distributed")
+    group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
+    group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3 (default: 0, or all with "
+                                                          "--multiprocessing-distributed)")
+    group.add_argument("--multiprocessing-distributed", action="store_true",
+                       help="one process per --device-list entry on this node")
+    group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
+    group.add_argument("--rank", default=0, type=int, help="this node's rank (with --multiprocessing-distributed)")
+    group.add_argument("--dist-url", default="env://", help="rendezvous; env:// reads MASTER_ADDR/MASTER_PORT")
+    group.add_argument("--dist-backend", default=None, help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
+    group.add_argument("--dist-timeout", default=1800, type=int, help="seconds before a stuck collective fails")
+    group.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                       help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
+    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
+    group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                       help="auto: channels_last on CUDA and CPU, contiguous on NPU")
+
+    group = parser.add_argument_group("mixed precision")
+    group.add_argument("--amp", action="store_true", help="fp16 on NPU/CUDA, bf16 on CPU")
+    group.add_argument("--amp-backend", default="native", choices=["native", "apex"])
+    group.add_argument("--opt-level", default="O1", choices=["O1", "O2"], help="apex opt level")
+    group.add_argument("--loss-scale", default="dynamic", help="'dynamic' or a fixed value such as 128")
+
+    group = parser.add_argument_group("checkpoints, evaluation and output")
+    group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
+    group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
+    group.add_argument("--pretrained", default="", metavar="PATH", help="start from these weights (ours or torchvision's)")
+    group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
+    group.add_argument("--seed", default=None, type=int)
+    group.add_argument("-p", "--print-freq", default=10, type=int)
+    group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
+    group.add_argument("--output-dir", default="output", help="logs and checkpoints")
+    group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
+    group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data is None and not args.dummy:
+        # No data set given: the short demo run, unless the user set a flag explicitly.
+        parser.set_defaults(**data.DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    return args
+
+
+def check_args(args):
+    """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
+    for name in ("epochs", "batch_size", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
+        raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
+                        "native torch.amp is O1-style autocast")
+    if args.loss_scale != "dynamic":
+        try:
+            if float(args.loss_scale) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
+    if args.evaluate and not (args.resume or args.pretrained):
+        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH")
+    for flag in ("resume", "pretrained"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag}: checkpoint not found: {path}")
+
+    args.device_kind = device.resolve_device_kind(args.device)
+    if args.amp and args.amp_backend == "apex":
+        if args.device_kind == "cpu":
+            raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
+        device.import_apex_amp()
+    default_ids = "0"
+    if args.multiprocessing_distributed and args.device_kind != "cpu":
+        default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
+    args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
+
+    if args.dummy:
+        args.data_dir = None
+    elif args.data is None:
+        args.data_dir = data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
+    else:
+        args.data_dir = args.data
+        data.image_folders(args.data_dir, None, None)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.access(args.output_dir, os.W_OK):
+        raise UserError(f"--output-dir {args.output_dir} is not writable")
+
+
+def build_datasets(args):
+    if args.data_dir is None:
+        val_images = max(args.dummy_images // 25, 1)
+        return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
+                data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
+    return data.image_folders(args.data_dir,
+                              data.train_transform(args.train_crop_size, scale=(args.min_crop_scale, 1.0)),
+                              data.val_transform(args.val_resize_size, args.val_crop_size))
+
+
+def build_loaders(train_set, val_set, runtime, args):
+    per_process_batch = args.batch_size // runtime.world_size
+    workers = args.workers if args.workers is not None else default_workers(runtime)
+    if runtime.distributed:
+        train_sampler = torch.utils.data.distributed.DistributedSampler(
+            train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=args.seed or 0,
+            drop_last=True)
+        val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank)
+    else:
+        train_sampler = val_sampler = None
+    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler,
+                                     shuffle=train_sampler is None, drop_last=True,
+                                     pin_memory=runtime.pin_memory, seed=args.seed)
+    val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
+                                   pin_memory=runtime.pin_memory)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
+                        "lower -b/--batch-size")
+    return train_loader, val_loader, train_sampler
+
+
+def default_workers(runtime):
+    """Leave a core per process for the training loop itself; 8 workers keep up with one accelerator."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // runtime.world_size - 1))
+
+
+def main_worker(local_rank, args):
+    try:
+        train(local_rank, args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        device.cleanup()
+
+
+def train(local_rank, args):
+    run_start = time.perf_counter()
+    runtime = device.setup_runtime(args, local_rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = setup_logging(args.output_dir, args.log_file, runtime.rank)
+    if runtime.kind == "cpu" and runtime.distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world_size))
+    if args.seed is not None:
+        seed_everything(args.seed)
+    if args.batch_size % runtime.world_size:
+        raise UserError(f"-b/--batch-size {args.batch_size} is the global batch and must divide evenly "
+                        f"across {runtime.world_size} processes")
+
+    train_set, val_set = build_datasets(args)
+    num_classes = len(train_set.classes)
+    log.info(f"=> {args.arch}, {num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+             f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
+
+    model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
+    mnasnet.set_bn_momentum(model, args.bn_momentum)
+    if args.pretrained:
+        checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
+        log.info(f"=> loaded weights from {args.pretrained}")
+    if args.sync_bn and runtime.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(runtime.device, memory_format=runtime.memory_format)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(runtime.device)
+    params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
+    optimizer = device.build_optimizer(runtime.kind, params, args)
+    model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
+    model_without_ddp = model
+    if runtime.distributed:
+        device_ids = None if runtime.kind == "cpu" else [runtime.device]
+        # Buffers are broadcast explicitly before validation instead of at every step.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args)
+    steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
+    scheduler = recipe.warmup_cosine_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs)
+
+    start_epoch, best_acc1 = 0, 0.0
+    if args.resume:
+        state = checkpoint.load_file(args.resume)
+        checkpoint.load_model_weights(model_without_ddp, state, args.arch, args.resume)
+        if not args.evaluate:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            precision.load_state_dict(state.get("precision", {}))
+            start_epoch, best_acc1 = state["epoch"], state["best_acc1"]
+        log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, best Acc@1 {state.get('best_acc1')})")
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+
+    summary = {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
+               "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None,
+               "train_acc1": None, "val_acc1": None, "val_acc5": None, "val_images": None, "history": []}
+    if args.evaluate:
+        result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
+        summary.update(val_acc1=result["acc1"], val_acc5=result["acc5"], val_images=result["count"],
+                       best_acc1=result["acc1"])
+        write_summary(summary, None, run_start, runtime, args, log)
+        return
+
+    throughput = engine.ThroughputMeter(args.fps_warmup_steps)
+    for epoch in range(start_epoch, args.epochs):
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
+                                             runtime, epoch, args, log, throughput)
+        summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,
+                       train_loss=train_stats["loss"], train_acc1=train_stats["acc1"])
+        acc1 = None
+        if not args.no_val:
+            runtime.broadcast_buffers(model_without_ddp)
+            val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
+            acc1 = val_stats["acc1"]
+            summary.update(val_acc1=acc1, val_acc5=val_stats["acc5"], val_images=val_stats["count"])
+        summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
+                                   "val_acc1": acc1})
+        is_best = acc1 is not None and acc1 > best_acc1
+        best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
+        if runtime.is_main:
+            state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
+                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
+                     "num_classes": num_classes, "args": checkpoint.plain_args(args)}
+            path = checkpoint.save_checkpoint(state, is_best, args.output_dir)
+            log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
+        runtime.barrier()
+    summary["best_acc1"] = best_acc1
+    write_summary(summary, throughput, run_start, runtime, args, log)
+
+
+def write_summary(summary, throughput, run_start, runtime, args, log):
+    if throughput is not None:
+        summary.update(measured_steps=throughput.steps, measured_images=throughput.images,
+                       measured_seconds=throughput.seconds, fps=throughput.fps, step_time_ms=throughput.step_time_ms)
+        log.info(f"=> mean FPS {throughput.fps:.2f} over {throughput.steps} measured steps "
+                 f"({throughput.step_time_ms:.1f} ms/step)")
+    summary["e2e_seconds"] = time.perf_counter() - run_start
+    peak = runtime.max_memory_allocated()
+    summary["peak_device_memory_mb"] = peak / 2 ** 20 if peak is not None else None
+    if args.summary_json and runtime.is_main:
+        with open(args.summary_json, "w") as handle:
+            json.dump(_finite(summary), handle, indent=2)
+
+
+def _finite(value):
+    """JSON has no NaN: a metric that could not be computed is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        device.launch(main_worker, args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

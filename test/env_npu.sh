@@ -1,0 +1,58 @@
+#!/bin/bash
+# Ascend NPU environment, sourced by the train_*.sh launchers (or by hand: `source test/env_npu.sh`).
+# Sources CANN's set_env.sh where CANN is installed and exports the runtime variables the ModelZoo
+# scripts set. Values already in the environment win, so a user can override any of them.
+# Without CANN it says so once and changes nothing that matters: the run goes on (GPU/CPU).
+
+_mnasnet_source_cann() {
+    local base="" cfg=/etc/Ascend/ascend_cann_install.info f
+    # set_env.sh already sourced in this shell (or by the container): nothing to do.
+    if [[ -n "${ASCEND_TOOLKIT_HOME:-}" && -d "${ASCEND_TOOLKIT_HOME}" ]]; then
+        return 0
+    fi
+    if [[ -f $cfg ]]; then
+        base=$(sed -n 's/^Install_Path=//p' "$cfg" | head -n 1)
+    fi
+    for f in ${ASCEND_HOME:+"$ASCEND_HOME/set_env.sh" "$ASCEND_HOME/ascend-toolkit/set_env.sh"} \
+             ${base:+"$base/ascend-toolkit/set_env.sh" "$base/nnae/set_env.sh"} \
+             /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnae/set_env.sh; do
+        if [[ -f $f ]]; then
+            source "$f"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if _mnasnet_source_cann; then
+    # Device-side logs at error level and device event logs off, as the ModelZoo scripts do.
+    if command -v msnpureport >/dev/null 2>&1; then
+        for _d in 0 1 2 3 4 5 6 7; do
+            msnpureport -g error -d "$_d" >/dev/null 2>&1
+        done
+        msnpureport -e disable >/dev/null 2>&1
+        unset _d
+    fi
+    if [[ -z "${HCCL_IF_IP:-}" ]] && _ip=$(hostname -I 2>/dev/null | awk '{print $1}') && [[ -n $_ip ]]; then
+        export HCCL_IF_IP=$_ip
+    fi
+    unset _ip
+elif [[ -z "${MNASNET_NO_CANN_NOTED:-}" ]]; then
+    echo "env_npu.sh: CANN not found (no set_env.sh under \$ASCEND_HOME, /etc/Ascend/ascend_cann_install.info or /usr/local/Ascend); running without the NPU environment" >&2
+    export MNASNET_NO_CANN_NOTED=1
+fi
+unset -f _mnasnet_source_cann
+
+# Host logs off the console, error level, no event logs.
+export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0}
+export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}
+export ASCEND_GLOBAL_EVENT_ENABLE=${ASCEND_GLOBAL_EVENT_ENABLE:-0}
+# Asynchronous operator dispatch (level 1 works in both compile modes).
+export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-1}
+# Fused copies/combined operators; PTCOPY_ENABLE and DYNAMIC_OP only matter to older torch_npu releases.
+export COMBINED_ENABLE=${COMBINED_ENABLE:-1}
+export PTCOPY_ENABLE=${PTCOPY_ENABLE:-1}
+export DYNAMIC_OP=${DYNAMIC_OP:-"ADD#MUL"}
+# HCCL: no whitelist check; 8 processes compiling kernels on first use need more than the 120 s default.
+export HCCL_WHITELIST_DISABLE=${HCCL_WHITELIST_DISABLE:-1}
+export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}

@@ -1,0 +1,42 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Each class is a colour with a stripe orientation: learnable in a few steps, not by chance.
+CLASS_COLOURS = {"n01_red": (200, 40, 40), "n02_green": (40, 190, 60), "n03_blue": (40, 60, 210)}
+
+
+def write_image_folder(root, train_per_class=12, val_per_class=5, size=40, seed=0, classes=CLASS_COLOURS):
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for index, (name, colour) in enumerate(classes.items()):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.array(colour, dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
+                if index % 2:
+                    pixels[::4] *= 0.4
+                else:
+                    pixels[:, ::4] *= 0.4
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                image.save(os.path.join(folder, f"{name}_{i}.JPEG"), format="JPEG")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A small ImageNet-layout folder: 3 classes, 12 train and 5 val images each (15 val: odd on purpose)."""
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def tiny_flags(output_dir, *extra):
+    """The smallest sensible run: mnasnet0_5 at 32 px, CPU, no workers."""
+    return ["-a", "mnasnet0_5", "--device", "cpu", "-j", "0", "--train-crop-size", "32", "--val-resize-size", "36",
+            "--val-crop-size", "32", "-b", "8", "--lr", "0.1", "--wd", "1e-5", "--print-freq", "2",
+            "--fps-warmup-steps", "1", "--output-dir", str(output_dir), *extra]

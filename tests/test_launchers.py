@@ -1,0 +1,236 @@
+"""End-to-end tests of the test/*.sh launchers on CPU: tiny model, tiny crops, a few steps, 2 gloo processes."""
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+NETWORK = "MnasNet_for_PyTorch"
+# Small and fast: the launchers pass these on to main.py after their own flags, so they win.
+TINY = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "64", "--val-resize-size", "72",
+        "--val-crop-size", "64", "--print-freq", "1", "--seed", "0"]
+VAL_IMAGES = 7  # odd on purpose: 2 ranks must still count each image exactly once
+SCRIPTS = ["train_full_1p.sh", "train_performance_1p.sh", "train_full_8p.sh", "train_performance_8p.sh",
+           "train_eval_8p.sh"]
+
+
+# One thread per process: OpenMP threads spinning on a busy 2-core machine make steps 100x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(script, *args, timeout=180):
+    return subprocess.run(["bash", str(REPO / "test" / script), *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def launch_ok(script, *args):
+    result = launch(script, *args)
+    assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def read_case(out_dir, case_name):
+    """The Key = value summary file and main.py's summary JSON of one run."""
+    fields = dict(line.split(" = ", 1) for line in (out_dir / f"{case_name}.log").read_text().splitlines())
+    summary = json.loads((out_dir / f"{case_name}.json").read_text())
+    return fields, summary
+
+
+def check_common(result, out_dir, fields, summary, case_name, ranks, batch):
+    assert fields["Network"] == NETWORK
+    assert fields["CaseName"] == case_name
+    assert int(fields["RankSize"]) == ranks == summary["world_size"]
+    assert int(fields["BatchSize"]) == batch == summary["batch_size"]
+    assert fields["Device"] == "cpu"
+    assert int(fields["E2ETrainingTime"]) >= 0
+    assert f"Final Train Accuracy : {fields['TrainAccuracy']}" in result.stdout
+    assert "E2E Training Duration sec : " in result.stdout
+    device_id = out_dir.name
+    assert (out_dir / f"train_{device_id}.log").is_file()
+    for rank in range(1, ranks):
+        assert (out_dir / f"rank{rank}.log").is_file()
+
+
+def check_speed(result, fields, summary):
+    fps = summary["measured_images"] / summary["measured_seconds"]
+    assert float(fields["ActualFPS"]) == pytest.approx(fps, abs=0.006)
+    assert float(fields["TrainingTime"]) == pytest.approx(
+        1000 * summary["measured_seconds"] / summary["measured_steps"], abs=0.006)
+    assert f"Final Performance images/sec : {fields['ActualFPS']}" in result.stdout
+
+
+def check_rank0_log(log, epochs, validations):
+    """One line per step and one validation line per epoch: no other rank wrote into it."""
+    text = log.read_text()
+    steps = re.findall(r"Epoch: \[\d+\]\[\s*\d+/\d+\]", text)
+    assert steps, text
+    assert len(steps) == len(set(steps)), f"step lines repeated, several ranks wrote {log}"
+    assert {s.split("]")[0] for s in steps} == {f"Epoch: [{e}" for e in range(epochs)}
+    assert len(re.findall(r"\* Acc@1 ", text)) == validations
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """ImageNet layout, 3 classes: 4 training images each, 7 validation images in all."""
+    root = tmp_path_factory.mktemp("imagenet")
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    for split, counts in (("train", [4, 4, 4]), ("val", [3, 2, 2])):
+        for c, (colour, count) in enumerate(zip(colours, counts)):
+            folder = root / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                shade = tuple(max(0, v - 15 * i) for v in colour)
+                Image.new("RGB", (80, 80), shade).save(folder / f"img{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    result = launch(script, "--help")
+    assert result.returncode == 0
+    assert "usage:" in result.stdout and "--data_path=" in result.stdout
+
+
+def test_unknown_argument_lists_accepted_ones():
+    result = launch("train_performance_1p.sh", "--batchsize=8")
+    assert result.returncode != 0
+    assert "unknown argument '--batchsize=8'" in result.stderr
+    assert "--batch_size=" in result.stderr and "--device_id=" in result.stderr
+
+
+def test_option_without_value():
+    result = launch("train_full_1p.sh", "--data_path", "/tmp")
+    assert result.returncode != 0
+    assert "--data_path=VALUE" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_wrong_data_path(script, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = launch(script, f"--data_path={missing}", "--device=cpu")
+    assert result.returncode != 0
+    assert "no such folder" in result.stderr and str(missing) in result.stderr
+
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    result = launch(script, f"--data_path={tmp_path / 'half'}", "--device=cpu")
+    assert result.returncode != 0
+    assert "train/ and val/" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_full_1p.sh", "train_full_8p.sh", "train_eval_8p.sh"])
+def test_data_path_required(script):
+    result = launch(script, "--device=cpu")
+    assert result.returncode != 0
+    assert "--data_path=DIR is required" in result.stderr
+
+
+def test_eval_needs_an_existing_checkpoint(image_folder, tmp_path):
+    result = launch("train_eval_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
+                    f"--output_root={tmp_path}")
+    assert result.returncode != 0
+    assert f"no such checkpoint: {tmp_path / '0' / 'model_best.pth.tar'}" in result.stderr
+
+
+@pytest.mark.skipif(Path("/usr/local/Ascend").exists() or Path("/etc/Ascend").exists(),
+                    reason="CANN is installed here")
+def test_env_npu_without_cann():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "MNASNET_", "TASK_QUEUE"))}
+    result = subprocess.run(["bash", "-c", "source test/env_npu.sh; source test/env_npu.sh; echo $TASK_QUEUE_ENABLE"],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stderr.count("CANN not found") == 1
+    assert result.stdout.strip() == "1"
+
+
+def test_performance_1p_synthetic(tmp_path):
+    result = launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=8", "--steps=6",
+                       f"--output_root={tmp_path}", *TINY)
+    out_dir = tmp_path / "0"
+    case = f"{NETWORK}_bs8_1p_perf"
+    fields, summary = read_case(out_dir, case)
+    check_common(result, out_dir, fields, summary, case, ranks=1, batch=8)
+    check_speed(result, fields, summary)
+    # 6 steps, the first one (a fifth) left out of the measurement; no validation.
+    assert summary["train_steps"] == 6 and summary["measured_steps"] == 5
+    assert summary["val_acc1"] is None
+    assert float(fields["TrainAccuracy"]) == pytest.approx(summary["train_acc1"], abs=5e-4)
+    assert float(fields["ActualLoss"]) == pytest.approx(summary["train_loss"], abs=5e-5)
+    check_rank0_log(out_dir / "train_0.log", epochs=1, validations=0)
+
+
+def test_full_1p_image_folder(image_folder, tmp_path):
+    result = launch_ok("train_full_1p.sh", f"--data_path={image_folder}", "--device=cpu", "--device_id=3",
+                       "--batch_size=4", "--epochs=2", "--lr=0.05", "--workers=1", "--amp_level=off",
+                       f"--output_root={tmp_path}", *TINY, "--fps-warmup-steps", "1")
+    out_dir = tmp_path / "3"
+    case = f"{NETWORK}_bs4_1p_acc"
+    fields, summary = read_case(out_dir, case)
+    check_common(result, out_dir, fields, summary, case, ranks=1, batch=4)
+    check_speed(result, fields, summary)
+    assert summary["epochs"] == 2
+    log = out_dir / "train_3.log"
+    check_rank0_log(log, epochs=2, validations=2)
+    final_acc1 = re.findall(r"\* Acc@1 ([\d.]+)", log.read_text())[-1]
+    assert float(fields["TrainAccuracy"]) == pytest.approx(float(final_acc1), abs=5e-4)
+    assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
+    assert float(fields["ActualLoss"]) == pytest.approx(summary["train_loss"], abs=5e-5)
+    assert (out_dir / "checkpoint.pth.tar").is_file()
+
+
+@pytest.fixture(scope="module")
+def full_8p(image_folder, tmp_path_factory):
+    """A 2-process accuracy run; its checkpoint is evaluated by test_eval_8p."""
+    root = tmp_path_factory.mktemp("full8p")
+    result = launch_ok("train_full_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
+                       "--batch_size=8", "--epochs=1", "--lr=0.05", "--workers=0", f"--output_root={root}", *TINY,
+                       "--fps-warmup-steps", "1")
+    return result, root / "0"
+
+
+def test_full_8p(full_8p):
+    result, out_dir = full_8p
+    case = f"{NETWORK}_bs8_2p_acc"
+    fields, summary = read_case(out_dir, case)
+    check_common(result, out_dir, fields, summary, case, ranks=2, batch=8)
+    check_speed(result, fields, summary)
+    check_rank0_log(out_dir / "train_0.log", epochs=1, validations=1)
+    assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
+    # Distributed validation scores each of the 7 images once: a whole number of them is right.
+    right = summary["val_acc1"] * VAL_IMAGES / 100
+    assert right == pytest.approx(round(right), abs=1e-3)
+    assert (out_dir / "model_best.pth.tar").is_file()
+
+
+def test_eval_8p(full_8p, image_folder, tmp_path):
+    _, train_dir = full_8p
+    result = launch_ok("train_eval_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
+                       "--batch_size=4", "--workers=0", "--launcher=torchrun",
+                       f"--resume={train_dir / 'model_best.pth.tar'}", f"--output_root={tmp_path}", *TINY)
+    out_dir = tmp_path / "0"
+    case = f"{NETWORK}_bs4_2p_eval"
+    fields, summary = read_case(out_dir, case)
+    check_common(result, out_dir, fields, summary, case, ranks=2, batch=4)
+    assert "ActualFPS" not in fields and "Final Performance" not in result.stdout
+    assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
+    # The checkpoint scored on 2 processes gives what training measured for it.
+    _, train_summary = read_case(train_dir, f"{NETWORK}_bs8_2p_acc")
+    assert summary["val_acc1"] == pytest.approx(train_summary["best_acc1"], abs=1e-6)
+    assert len(re.findall(r"\* Acc@1 ", (out_dir / "train_0.log").read_text())) == 1
+
+
+def test_performance_8p_synthetic(tmp_path):
+    result = launch_ok("train_performance_8p.sh", "--device=cpu", "--device_list=0,1", "--batch_size=8",
+                       "--steps=4", "--fps_warmup_steps=1", f"--output_root={tmp_path}", *TINY)
+    out_dir = tmp_path / "0"
+    case = f"{NETWORK}_bs8_2p_perf"
+    fields, summary = read_case(out_dir, case)
+    check_common(result, out_dir, fields, summary, case, ranks=2, batch=8)
+    check_speed(result, fields, summary)
+    assert summary["train_steps"] == 4 and summary["measured_steps"] == 3
+    assert summary["measured_images"] == 3 * 8
+    check_rank0_log(out_dir / "train_0.log", epochs=1, validations=0)

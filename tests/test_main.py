@@ -1,0 +1,191 @@
+"""End-to-end runs of main.py on the CPU: training that learns, checkpoints, resume, evaluate, distributed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import main
+from conftest import ROOT, tiny_flags
+
+
+def run_main(*argv):
+    """main.main in this process; returns the summary JSON."""
+    output_dir = argv[argv.index("--output-dir") + 1]
+    summary_path = os.path.join(output_dir, "summary.json")
+    main.main([*argv, "--summary-json", summary_path])
+    with open(summary_path) as handle:
+        return json.load(handle)
+
+
+def run_subprocess(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """One short training run shared by the tests that inspect its results."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    summary = run_main(image_folder, *tiny_flags(output_dir, "--epochs", "4", "--warmup", "1", "--seed", "0",
+                                                 "--nesterov"))
+    return output_dir, summary
+
+
+def test_training_learns(trained):
+    output_dir, summary = trained
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert summary["best_acc1"] > 100 / 3 + 20  # three classes: chance is 33%
+    assert summary["val_images"] == 15
+    assert summary["fps"] > 0 and summary["measured_steps"] > 0
+    assert summary["fps"] == pytest.approx(summary["measured_images"] / summary["measured_seconds"])
+    log = (output_dir / "train.log").read_text()
+    assert "Epoch: [3][4/4]\tTime " in log and "FPS " in log
+    assert f" * Acc@1 {summary['val_acc1']:.3f} Acc@5 " in log
+
+
+def test_checkpoints_are_plain_and_unprefixed(trained):
+    output_dir, summary = trained
+    state = torch.load(output_dir / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "scheduler", "args"} <= set(state)
+    assert state["epoch"] == 4 and state["arch"] == "mnasnet0_5"
+    assert state["best_acc1"] == pytest.approx(summary["best_acc1"])
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["state_dict"])
+    assert isinstance(state["args"], dict) and state["args"]["epochs"] == 4
+    best = torch.load(output_dir / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    assert best["best_acc1"] == pytest.approx(summary["best_acc1"])
+    reference = torchvision.models.mnasnet0_5(num_classes=3)
+    reference.load_state_dict(state["state_dict"])  # our checkpoints load into torchvision's model
+
+
+def test_evaluate_reproduces_best_accuracy(trained, image_folder, tmp_path):
+    output_dir, summary = trained
+    result = run_main(image_folder, *tiny_flags(tmp_path, "--evaluate", "--resume",
+                                                str(output_dir / "model_best.pth.tar")))
+    assert result["val_acc1"] == pytest.approx(summary["best_acc1"])
+    assert result["val_images"] == 15
+
+
+def test_resume_continues_to_the_same_weights(image_folder, tmp_path):
+    """Two epochs, then resume for two more, equals four epochs straight (same seed, no workers)."""
+    straight = tmp_path / "straight"
+    run_main(image_folder, *tiny_flags(straight, "--epochs", "3", "--seed", "1", "--warmup", "1"))
+    split = tmp_path / "split"
+    run_main(image_folder, *tiny_flags(split, "--epochs", "2", "--seed", "1", "--warmup", "1"))
+    first = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+    assert first["epoch"] == 2
+    # --epochs changes the cosine schedule's length: resume with the full length as the straight run had.
+    resumed = run_main(image_folder, *tiny_flags(split, "--epochs", "3", "--seed", "1", "--warmup", "1",
+                                                 "--resume", str(split / "checkpoint.pth.tar")))
+    assert [h["epoch"] for h in resumed["history"]] == [2]
+    a, b = weights(straight / "checkpoint.pth.tar"), weights(split / "checkpoint.pth.tar")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_makes_a_cpu_run_repeatable(image_folder, tmp_path):
+    for name in ("a", "b"):
+        run_main(image_folder, *tiny_flags(tmp_path / name, "--epochs", "1", "--seed", "3", "-j", "1", "--no-val"))
+    a, b = weights(tmp_path / "a" / "checkpoint.pth.tar"), weights(tmp_path / "b" / "checkpoint.pth.tar")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_torchvision_weights_with_module_prefix(image_folder, tmp_path):
+    reference = torchvision.models.mnasnet0_5(num_classes=3)
+    path = tmp_path / "tv.pth"
+    torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, path)
+    result = run_main(image_folder, *tiny_flags(tmp_path, "--evaluate", "--pretrained", str(path)))
+    assert result["val_images"] == 15
+
+
+def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    summary_path = tmp_path / "ddp.json"
+    proc = run_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0",
+                                                    "--multiprocessing-distributed", "--device-list", "0,1",
+                                                    "--summary-json", str(summary_path)))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["world_size"] == 2
+    assert summary["val_images"] == 15  # 15 images over 2 ranks: no padding, no drop
+    log = (out / "train.log").read_text()
+    assert "Epoch: [1]" in log
+    assert (out / "rank1.log").exists()
+    # A single process scoring the saved weights gets the same accuracy as the two ranks did together.
+    single = run_main(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
+                                                str(out / "checkpoint.pth.tar")))
+    assert single["val_acc1"] == pytest.approx(summary["val_acc1"])
+    assert single["val_images"] == 15
+
+
+def expect_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 or err.startswith("usage:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    expect_error(capsys, [str(tmp_path / "nowhere"), *tiny_flags(tmp_path)], "nowhere")
+
+
+def test_data_folder_without_train(tmp_path, capsys):
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    expect_error(capsys, [str(tmp_path / "data"), *tiny_flags(tmp_path / "out")], "train")
+
+
+def test_val_class_missing_from_train(image_folder, tmp_path, capsys):
+    from conftest import write_image_folder
+    data_dir = write_image_folder(tmp_path / "data", 2, 1)
+    os.rename(os.path.join(data_dir, "val", "n03_blue"), os.path.join(data_dir, "val", "n04_purple"))
+    expect_error(capsys, [data_dir, *tiny_flags(tmp_path / "out")], "n04_purple")
+
+
+def test_unknown_arch(image_folder, tmp_path, capsys):
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), "-a", "resnet18"], "resnet18")
+
+
+def test_checkpoint_of_another_arch_or_class_count(trained, image_folder, tmp_path, capsys):
+    output_dir, _ = trained
+    ckpt = str(output_dir / "checkpoint.pth.tar")
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), "-a", "mnasnet0_75", "--evaluate", "--resume", ckpt],
+                 "mnasnet0_5", "mnasnet0_75")
+    other = torchvision.models.mnasnet0_5(num_classes=7)
+    path = tmp_path / "seven.pth"
+    torch.save(other.state_dict(), path)
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), "--evaluate", "--pretrained", str(path)],
+                 "7 classes", "3")
+
+
+def test_missing_resume_file_is_an_error(image_folder, tmp_path, capsys):
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), "--resume", str(tmp_path / "none.pth.tar")],
+                 "none.pth.tar")
+
+
+@pytest.mark.parametrize("device_name", ["npu", "cuda"])
+def test_absent_device(image_folder, tmp_path, capsys, device_name):
+    if device_name == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [image_folder, *tiny_flags(tmp_path)]
+    argv[argv.index("cpu")] = device_name
+    expect_error(capsys, argv, f"--device {device_name}")
+
+
+def test_errors_from_a_fresh_process_are_one_line(tmp_path):
+    proc = run_subprocess(str(tmp_path / "missing"), "--device", "cpu", "--output-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,273 @@
+"""mnasnet.py against torchvision's MnasNet: weights both ways, outputs, init, version-1 checkpoints."""
+import ast
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+import mnasnet
+
+PARAM_COUNTS = {
+    "mnasnet0_5": 2_218_512,
+    "mnasnet0_75": 3_170_208,
+    "mnasnet1_0": 4_383_312,
+    "mnasnet1_3": 6_282_256,
+}
+ARCH_NAMES = list(PARAM_COUNTS)
+NON_UNIT_ARCHS = ["mnasnet0_5", "mnasnet0_75", "mnasnet1_3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spinning made this file ~15x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _ours(arch, **kwargs):
+    return mnasnet.ARCHS[arch](**kwargs)
+
+
+def _torchvision(arch, **kwargs):
+    return getattr(tvm, arch)(**kwargs)
+
+
+def _randomize(model, seed=0):
+    """Move every parameter and BN statistic off its init, so eval outputs depend on all of them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.uniform_(-0.1, 0.1, generator=gen)
+                module.running_mean.uniform_(-0.1, 0.1, generator=gen)
+                module.running_var.uniform_(0.5, 1.5, generator=gen)
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.mul_(torch.empty_like(module.weight).uniform_(0.5, 1.5, generator=gen))
+    return model
+
+
+def _input(seed=0):
+    # 32 px is the smallest size that keeps >1 value per channel for train-mode BN at batch 2.
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_state(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def _v1_checkpoint(arch):
+    """A version-1 state dict made by torchvision itself.
+
+    Loading a version-1-tagged dict without the stem keys makes torchvision rebuild its v1 stem,
+    after which its state_dict() is a genuine v1 checkpoint.
+    """
+    model = _torchvision(arch)
+    current = model.state_dict()
+    partial = type(current)((k, v) for k, v in current.items() if not k.startswith(tuple(f"layers.{i}." for i in range(9))))
+    partial._metadata = copy.deepcopy(current._metadata)
+    partial._metadata[""]["version"] = 1
+    with pytest.warns(UserWarning):
+        model.load_state_dict(partial, strict=False)
+    state = _randomize(model, seed=1).state_dict()
+    assert state._metadata[""]["version"] == 1
+    return state
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_param_count(arch):
+    ours = sum(p.numel() for p in _ours(arch).parameters())
+    assert ours == PARAM_COUNTS[arch]
+    assert ours == sum(p.numel() for p in _torchvision(arch).parameters())
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_same_init_and_bn_momentum_as_torchvision(arch):
+    torch.manual_seed(0)
+    theirs = _torchvision(arch)
+    torch.manual_seed(0)
+    ours = _ours(arch)
+    _assert_same_state(ours.state_dict(), theirs.state_dict())
+    momenta = {m.momentum for m in ours.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {m.momentum for m in theirs.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {mnasnet.TF_BN_MOMENTUM}
+    assert mnasnet.TF_BN_MOMENTUM == pytest.approx(1 - 0.9997)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_state_dict_both_ways(arch):
+    theirs = _randomize(_torchvision(arch), seed=2)
+    ours = _ours(arch)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    _assert_same_state(ours.state_dict(), theirs.state_dict())
+
+    ours = _randomize(_ours(arch), seed=3)
+    assert ours.state_dict()._metadata[""]["version"] == 2
+    theirs = _torchvision(arch)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    _assert_same_state(theirs.state_dict(), ours.state_dict())
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_eval_outputs_match(arch):
+    theirs = _randomize(_torchvision(arch)).eval()
+    ours = _ours(arch).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_train_outputs_grads_and_stats_match(arch):
+    theirs = _randomize(_torchvision(arch)).train()
+    ours = _ours(arch).train()
+    ours.load_state_dict(theirs.state_dict())
+    x = _input()
+    outputs = []
+    for model in (ours, theirs):
+        # Same seed right before the forward: both models must draw the same dropout mask.
+        torch.manual_seed(123)
+        out = model(x)
+        out.square().mean().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    # Running statistics moved by the same BN momentum.
+    _assert_close_state(ours.state_dict(), theirs.state_dict())
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def _assert_close_state(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_num_classes_and_dropout_honoured(arch):
+    ours = _ours(arch, num_classes=10, dropout=0.5)
+    assert ours.num_classes == 10
+    assert ours.classifier[0].p == 0.5
+    assert ours.classifier[1].out_features == 10
+    with torch.no_grad():
+        assert ours.eval()(_input()).shape == (2, 10)
+    assert sum(p.numel() for p in ours.parameters()) == sum(
+        p.numel() for p in _torchvision(arch, num_classes=10, dropout=0.5).parameters())
+
+
+def test_dropout_active_only_when_asked():
+    x = _input()
+    with torch.no_grad():
+        for p, differs in ((0.5, True), (0.0, False)):
+            model = _ours("mnasnet0_5", dropout=p).train()
+            torch.manual_seed(0)
+            first = model(x)
+            torch.manual_seed(1)
+            assert torch.equal(first, model(x)) is not differs
+
+
+@pytest.mark.parametrize("arch", NON_UNIT_ARCHS)
+def test_version1_checkpoint_like_torchvision(arch):
+    v1 = _v1_checkpoint(arch)
+    theirs = _torchvision(arch)
+    with pytest.warns(UserWarning):
+        theirs.load_state_dict(v1)
+    ours = _ours(arch)
+    with pytest.warns(UserWarning, match="version-1"):
+        ours.load_state_dict(v1)
+    assert ours.layers[0].out_channels == 32
+    assert ours.layers[6].out_channels == 16
+    assert ours.layers[8][0].layers[0].in_channels == 16
+    _assert_same_state(ours.state_dict(), theirs.state_dict())
+
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+
+    # Re-saved as version 1, so it loads back into a fresh model of either implementation.
+    resaved = ours.state_dict()
+    assert resaved._metadata[""]["version"] == 1
+    again = _torchvision(arch)
+    with pytest.warns(UserWarning):
+        again.load_state_dict(resaved)
+    _assert_same_state(again.state_dict(), v1)
+
+
+def test_version1_stem_keeps_mode_and_bn_momentum():
+    v1 = _v1_checkpoint("mnasnet0_5")
+    ours = _ours("mnasnet0_5").eval()
+    mnasnet.set_bn_momentum(ours, 0.01)
+    with pytest.warns(UserWarning):
+        ours.load_state_dict(v1)
+    assert not any(m.training for m in ours.modules())
+    assert {m.momentum for m in ours.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+
+
+def test_version1_at_alpha_one_changes_nothing():
+    state = _torchvision("mnasnet1_0").state_dict()
+    state._metadata[""]["version"] = 1
+    ours = _ours("mnasnet1_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.load_state_dict(state)
+    _assert_same_state(ours.state_dict(), state)
+    assert ours.state_dict()._metadata[""]["version"] == 2
+
+
+def test_state_dict_without_metadata_loads_as_current():
+    # A dict comprehension (e.g. stripping "module.") drops _metadata; torchvision would refuse it.
+    source = _randomize(_ours("mnasnet0_5"))
+    plain = {k: v for k, v in source.state_dict().items()}
+    ours = _ours("mnasnet0_5")
+    ours.load_state_dict(plain)
+    _assert_same_state(ours.state_dict(), source.state_dict())
+
+
+def test_unknown_version_is_rejected():
+    state = _ours("mnasnet0_5").state_dict()
+    state._metadata[""]["version"] = 3
+    with pytest.raises(RuntimeError, match="version 3"):
+        _ours("mnasnet0_5").load_state_dict(state)
+
+
+def test_set_bn_momentum():
+    model = _ours("mnasnet0_5")
+    expected = sum(isinstance(m, nn.BatchNorm2d) for m in _torchvision("mnasnet0_5").modules())
+    assert mnasnet.set_bn_momentum(model, 0.01) == expected
+    assert {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert mnasnet.set_bn_momentum(synced, 0.1) == expected
+    assert {m.momentum for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)} == {0.1}
+
+    with pytest.raises(ValueError):
+        mnasnet.set_bn_momentum(model, 1.5)
+
+
+def test_archs_and_alpha_check():
+    assert set(mnasnet.ARCHS) == set(ARCH_NAMES)
+    for name, builder in mnasnet.ARCHS.items():
+        assert builder.__name__ == name
+    with pytest.raises(ValueError):
+        mnasnet.MNASNet(0.0)
+
+
+def test_model_module_does_not_import_torchvision():
+    tree = ast.parse(inspect.getsource(mnasnet))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert not any(name.split(".")[0] == "torchvision" for name in imported)

@@ -1,0 +1,96 @@
+"""Small shared helpers: user-facing errors, logging, metrics and seeding."""
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input; main.py prints it as one line and exits with status 2."""
+
+
+def setup_logging(output_dir, log_file, rank):
+    """Rank 0 logs to stdout and ``output_dir/log_file``; other ranks write their console to ``rank<k>.log``.
+
+    Keeping other ranks out of rank 0's log (and off the shared terminal) is what makes the log readable
+    and parsable in 8-process runs.
+    """
+    logger = logging.getLogger("mnasnet")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if rank == 0:
+        handlers = [logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(os.path.join(output_dir, log_file))]
+    else:
+        console = open(os.path.join(output_dir, f"rank{rank}.log"), "a", buffering=1)
+        sys.stdout = sys.stderr = console
+        handlers = [logging.StreamHandler(console)]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_correct(output, target, topk=(1, 5)):
+    """Number of samples whose target is in the top-k predictions, as device tensors (no host sync)."""
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices
+    hits = pred.eq(target.view(-1, 1))
+    return [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+class MetricSums:
+    """Running sums of loss and top-1/top-5 hits kept on the device.
+
+    Updating never syncs with the host; ``pull()`` moves everything in one transfer, so a GPU/NPU is
+    only stalled when a line is printed.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.count = 0
+
+    def update(self, loss, output, target):
+        batch = target.shape[0]
+        top1, top5 = count_correct(output, target)
+        self.sums += torch.stack([loss.detach().double() * batch, top1.double(), top5.double()])
+        self.count += batch
+
+    def pull(self):
+        """(count, mean loss, Acc@1 %, Acc@5 %) as Python numbers, and reset."""
+        loss_sum, top1, top5 = self.sums.tolist()
+        count = self.count
+        self.reset()
+        if count == 0:
+            return 0, float("nan"), float("nan"), float("nan")
+        return count, loss_sum / count, 100.0 * top1 / count, 100.0 * top5 / count
+
+
+class Average:
+    """A host-side running mean weighted by counts."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, value, count=1):
+        self.total += value * count
+        self.count += count
+
+    @property
+    def mean(self):
+        return self.total / self.count if self.count else float("nan")
