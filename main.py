@@ -21,7 +21,7 @@ import device
 import engine
 import mnasnet
 import recipe
-from utils import UserError, seed_everything, setup_logging
+from utils import UserError, epoch_seed, seed_everything, setup_logging
 
 DUMMY_CLASSES = 1000
 
@@ -163,15 +163,13 @@ def build_datasets(args):
 def build_loaders(train_set, val_set, runtime, args):
     per_process_batch = args.batch_size // runtime.world_size
     workers = args.workers if args.workers is not None else default_workers(runtime)
-    if runtime.distributed:
-        train_sampler = torch.utils.data.distributed.DistributedSampler(
-            train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=args.seed or 0,
-            drop_last=True)
-        val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank)
-    else:
-        train_sampler = val_sampler = None
-    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler,
-                                     shuffle=train_sampler is None, drop_last=True,
+    # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
+    # the same order as an uninterrupted one.
+    train_sampler = torch.utils.data.distributed.DistributedSampler(
+        train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=args.seed or 0,
+        drop_last=True)
+    val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
+    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
                                      pin_memory=runtime.pin_memory, seed=args.seed)
     val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
                                    pin_memory=runtime.pin_memory)
@@ -181,10 +179,13 @@ def build_loaders(train_set, val_set, runtime, args):
     return train_loader, val_loader, train_sampler
 
 
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(runtime):
     """Leave a core per process for the training loop itself; 8 workers keep up with one accelerator."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // runtime.world_size - 1))
+    return max(1, min(8, usable_cpus() // runtime.world_size - 1))
 
 
 def main_worker(local_rank, args):
@@ -202,8 +203,9 @@ def train(local_rank, args):
     runtime = device.setup_runtime(args, local_rank)
     os.makedirs(args.output_dir, exist_ok=True)
     log = setup_logging(args.output_dir, args.log_file, runtime.rank)
-    if runtime.kind == "cpu" and runtime.distributed:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // runtime.world_size))
+    if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
+        # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
+        torch.set_num_threads(max(1, usable_cpus() // runtime.world_size))
     if args.seed is not None:
         seed_everything(args.seed)
     if args.batch_size % runtime.world_size:
@@ -263,8 +265,9 @@ def train(local_rank, args):
 
     throughput = engine.ThroughputMeter(args.fps_warmup_steps)
     for epoch in range(start_epoch, args.epochs):
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
+        if args.seed is not None:
+            seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
                                              runtime, epoch, args, log, throughput)
         summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,

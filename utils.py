@@ -41,6 +41,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed, epoch, rank):
+    """A distinct seed for each (run seed, epoch, rank): augmentations differ across epochs and ranks, and a run
+    resumed at an epoch boundary draws the same random numbers as an uninterrupted one."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 32
+
+
 def count_correct(output, target, topk=(1, 5)):
     """Number of samples whose target is in the top-k predictions, as device tensors (no host sync)."""
     maxk = min(max(topk), output.shape[1])

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # kind, scale and lr are set by the launcher that sources this
 # Shared logic of the test/train_*.sh launchers; sourced, never run.
 # A launcher sets the recipe of its case and calls `launch "$@"`:
 #   kind=acc|perf|eval   scale=1p|8p   lr=<base learning rate>
@@ -58,7 +59,7 @@ describe_option() {
         device_list) echo "LIST    devices to use, e.g. 0,1,2,3 (default 0..num_devices-1)" ;;
         launcher) echo "NAME    mp (main.py --multiprocessing-distributed) or torchrun (default mp)" ;;
         batch_size) echo "N       global batch size (default 512 per device; on CPU, perf runs use $CPU_PERF_BATCH_PER_PROCESS per process)" ;;
-        workers) echo "N       data loader workers per process (default cores/processes, at most 32)" ;;
+        workers) echo "N       data loader workers per process (default: main.py's, from the CPU count)" ;;
         amp_level) echo "LEVEL   O1, O2 or off (default O1)" ;;
         lr) echo "LR      base learning rate (default $lr)" ;;
         epochs) if [[ $kind == perf ]]; then
@@ -98,7 +99,7 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 # Turns "--key=value" arguments into opt_<key> variables; "--" ends them, the rest goes to main.py.
 parse_args() {
-    local arg key value accepted
+    local arg key value accepted accepted_list
     accepted=" $(accepted_options) "
     extra_args=()
     while (($#)); do
@@ -126,7 +127,8 @@ parse_args() {
             if [[ $accepted == *" $key "* ]]; then
                 die "option --$key needs a value: --$key=VALUE"
             fi
-            die "unknown argument '$arg'. Accepted: $(printf -- '--%s= ' $(accepted_options))--help, and -- followed by main.py flags"
+            read -r -a accepted_list <<<"$accepted"
+            die "unknown argument '$arg'. Accepted: $(printf -- '--%s= ' "${accepted_list[@]}")--help, and -- followed by main.py flags"
         fi
         printf -v "opt_$key" '%s' "$value"
     done
@@ -144,18 +146,19 @@ resolve_device() {
         auto)
             # What main.py's auto would pick, decided here too: it changes the environment and defaults.
             device=$("$PY" - <<'PYEOF'
-import importlib.util
 import torch
-if importlib.util.find_spec("torch_npu") is not None:
+try:
     import torch_npu  # noqa: F401  (registers torch.npu)
-    if torch.npu.is_available():
-        print("npu")
-        raise SystemExit
-print("gpu" if torch.cuda.is_available() else "cpu")
+    npu = torch.npu.is_available() and torch.npu.device_count() > 0
+except Exception:  # absent, or present without a working CANN: not an NPU machine
+    npu = False
+if npu:
+    print("npu")
+else:
+    print("gpu" if torch.cuda.is_available() else "cpu")
 PYEOF
             ) || die "could not import torch with $PY to pick a device; pass --device=npu|gpu|cpu"
             ;;
-        *) die "--device must be npu, gpu, cpu or auto, not '$opt_device'" ;;
     esac
 }
 
@@ -179,7 +182,9 @@ resolve_devices() {
         device_id=${_devs[0]}
     else
         n=${opt_num_devices:-8}
-        is_uint "$n" && ((n > 0)) || die "--num_devices must be a positive number, not '$n'"
+        if ! is_uint "$n" || ((n == 0)); then
+            die "--num_devices must be a positive number, not '$n'"
+        fi
         device_list=0
         for ((i = 1; i < n; i++)); do device_list+=",$i"; done
         nproc=$n
@@ -199,9 +204,10 @@ check_data_path() {
     fi
 }
 
-# Checks the values of the options and fills in the defaults of the case.
-resolve_settings() {
+# Checks what can be checked without Python, so that a typo costs no torch import.
+check_values() {
     local v
+    case ${opt_device:-auto} in npu | gpu | cuda | cpu | auto) ;; *) die "--device must be npu, gpu, cpu or auto, not '$opt_device'" ;; esac
     for v in batch_size epochs steps num_devices; do
         local name=opt_$v
         if [[ -n ${!name:-} ]] && ! { is_uint "${!name}" && ((${!name} > 0)); }; then
@@ -214,7 +220,14 @@ resolve_settings() {
             die "--$v must be a number, not '${!name}'"
         fi
     done
+    case ${opt_amp_level:-O1} in O1 | O2 | off) ;; *) die "--amp_level must be O1, O2 or off, not '$opt_amp_level'" ;; esac
+    [[ ${opt_loss_scale:-dynamic} == dynamic || $opt_loss_scale =~ ^[0-9]+(\.[0-9]*)?$ ]] ||
+        die "--loss_scale must be dynamic or a number, not '$opt_loss_scale'"
+    case ${opt_launcher:-mp} in mp | torchrun) ;; *) die "--launcher must be mp or torchrun, not '$opt_launcher'" ;; esac
+}
 
+# Fills in the defaults of the case, some of which depend on the device.
+resolve_settings() {
     batch_size=${opt_batch_size:-$((BATCH_PER_DEVICE * nproc))}
     steps=${opt_steps:-$PERF_STEPS}
     if [[ $kind == perf && $device == cpu ]]; then
@@ -230,18 +243,9 @@ resolve_settings() {
     epochs=${opt_epochs:-$([[ $kind == perf ]] && echo 1 || echo $EPOCHS)}
     lr=${opt_lr:-$lr}
 
-    local cores
-    cores=$(nproc)
-    workers=${opt_workers:-$((cores / nproc > 32 ? 32 : (cores / nproc > 0 ? cores / nproc : 1)))}
-
     amp_level=${opt_amp_level:-O1}
-    case $amp_level in O1 | O2 | off) ;; *) die "--amp_level must be O1, O2 or off, not '$amp_level'" ;; esac
     loss_scale=${opt_loss_scale:-dynamic}
-    [[ $loss_scale == dynamic || $loss_scale =~ ^[0-9]+(\.[0-9]*)?$ ]] ||
-        die "--loss_scale must be dynamic or a number, not '$loss_scale'"
-
     launcher=${opt_launcher:-mp}
-    case $launcher in mp | torchrun) ;; *) die "--launcher must be mp or torchrun, not '$launcher'" ;; esac
 
     output_root=$(abspath "${opt_output_root:-$TEST_DIR/output}")
     output_dir=$output_root/$device_id
@@ -280,8 +284,9 @@ build_command() {
         main_args+=(--dummy)
     fi
     main_args+=(--device "$device" --device-list "$device_list"
-        --batch-size "$batch_size" --workers "$workers" --print-freq 10
+        --batch-size "$batch_size" --print-freq 10
         --output-dir "$output_dir" --log-file "train_${device_id}.log" --summary-json "$summary_json")
+    [[ -n ${opt_workers:-} ]] && main_args+=(--workers "$opt_workers")
     if [[ $kind == eval ]]; then
         main_args+=(--evaluate --resume "$resume")
     else
@@ -364,16 +369,16 @@ PYEOF
 }
 
 launch() {
+    local start rc line
+    start=$(date +%s)
     parse_args "$@"
+    check_values
     check_data_path
-    resolve_device
     resolve_devices
+    # Needed before anything imports torch_npu (the auto probe too); pointless on an explicit GPU/CPU run.
+    case ${opt_device:-auto} in npu | auto) source "$TEST_DIR/env_npu.sh" ;; esac
+    resolve_device
     resolve_settings
-
-    # Needed before anything imports torch_npu; pointless on an explicit GPU/CPU run.
-    if [[ $device == npu || ${opt_device:-auto} == auto ]]; then
-        source "$TEST_DIR/env_npu.sh"
-    fi
     [[ $device == cpu ]] && tune_cpu
 
     mkdir -p "$output_dir" || die "cannot create the output folder $output_dir"
@@ -385,10 +390,9 @@ launch() {
 
     build_command
     echo "$case_name on $device ($device_list), log: $log_file"
-    echo "running: $(printf "%q " "${cmd[@]}")"
+    printf -v line '%q ' "${cmd[@]}"
+    echo "running: ${line% }"
 
-    local start rc
-    start=$(date +%s)
     "${cmd[@]}"
     rc=$?
     if ((rc != 0)); then

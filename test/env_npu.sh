@@ -17,6 +17,7 @@ _mnasnet_source_cann() {
              ${base:+"$base/ascend-toolkit/set_env.sh" "$base/nnae/set_env.sh"} \
              /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnae/set_env.sh; do
         if [[ -f $f ]]; then
+            # shellcheck source=/dev/null
             source "$f"
             return 0
         fi

@@ -4,23 +4,26 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+
+from conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 NETWORK = "MnasNet_for_PyTorch"
 # Small and fast: the launchers pass these on to main.py after their own flags, so they win.
 TINY = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "64", "--val-resize-size", "72",
         "--val-crop-size", "64", "--print-freq", "1", "--seed", "0"]
-VAL_IMAGES = 7  # odd on purpose: 2 ranks must still count each image exactly once
+VAL_IMAGES = 9  # odd on purpose: 2 ranks must still count each image exactly once
 SCRIPTS = ["train_full_1p.sh", "train_performance_1p.sh", "train_full_8p.sh", "train_performance_8p.sh",
            "train_eval_8p.sh"]
 
 
-# One thread per process: OpenMP threads spinning on a busy 2-core machine make steps 100x slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The launchers run main.py with this interpreter. One thread per process: OpenMP threads spinning on a
+# busy 2-core machine make steps 100x slower.
+ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
 def launch(script, *args, timeout=180):
@@ -75,18 +78,10 @@ def check_rank0_log(log, epochs, validations):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """ImageNet layout, 3 classes: 4 training images each, 7 validation images in all."""
-    root = tmp_path_factory.mktemp("imagenet")
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-    for split, counts in (("train", [4, 4, 4]), ("val", [3, 2, 2])):
-        for c, (colour, count) in enumerate(zip(colours, counts)):
-            folder = root / split / f"n0000000{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                shade = tuple(max(0, v - 15 * i) for v in colour)
-                Image.new("RGB", (80, 80), shade).save(folder / f"img{i}.png")
-    return root
+def data_dir(tmp_path_factory):
+    """ImageNet layout, 3 classes: 4 training images each, 3 validation images each."""
+    return Path(write_image_folder(tmp_path_factory.mktemp("launchers"), train_per_class=4, val_per_class=3,
+                                   size=80))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -101,6 +96,20 @@ def test_unknown_argument_lists_accepted_ones():
     assert result.returncode != 0
     assert "unknown argument '--batchsize=8'" in result.stderr
     assert "--batch_size=" in result.stderr and "--device_id=" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device=tpu"], "--device must be npu, gpu, cpu or auto"),
+    (["--batch_size=0"], "--batch_size must be a positive number"),
+    (["--amp_level=O3"], "--amp_level must be O1, O2 or off"),
+    (["--device_list=0,a"], "--device_list must look like 0,1,2,3"),
+    (["--num_devices=4", "--device_list=0,1"], "disagrees with --device_list"),
+    (["--batch_size=9", "--num_devices=2", "--device=cpu"], "must be a multiple of the 2 processes"),
+])
+def test_bad_values(args, message):
+    result = launch("train_performance_8p.sh", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 def test_option_without_value():
@@ -129,8 +138,8 @@ def test_data_path_required(script):
     assert "--data_path=DIR is required" in result.stderr
 
 
-def test_eval_needs_an_existing_checkpoint(image_folder, tmp_path):
-    result = launch("train_eval_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
+def test_eval_needs_an_existing_checkpoint(data_dir, tmp_path):
+    result = launch("train_eval_8p.sh", f"--data_path={data_dir}", "--device=cpu", "--num_devices=2",
                     f"--output_root={tmp_path}")
     assert result.returncode != 0
     assert f"no such checkpoint: {tmp_path / '0' / 'model_best.pth.tar'}" in result.stderr
@@ -148,8 +157,8 @@ def test_env_npu_without_cann():
 
 
 def test_performance_1p_synthetic(tmp_path):
-    result = launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=8", "--steps=6",
-                       f"--output_root={tmp_path}", *TINY)
+    result = launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=8", "--steps=6", "--workers=0",
+                       f"--output_root={tmp_path}", *TINY, "--dummy-images", "64")
     out_dir = tmp_path / "0"
     case = f"{NETWORK}_bs8_1p_perf"
     fields, summary = read_case(out_dir, case)
@@ -163,8 +172,8 @@ def test_performance_1p_synthetic(tmp_path):
     check_rank0_log(out_dir / "train_0.log", epochs=1, validations=0)
 
 
-def test_full_1p_image_folder(image_folder, tmp_path):
-    result = launch_ok("train_full_1p.sh", f"--data_path={image_folder}", "--device=cpu", "--device_id=3",
+def test_full_1p_image_folder(data_dir, tmp_path):
+    result = launch_ok("train_full_1p.sh", f"--data_path={data_dir}", "--device=cpu", "--device_id=3",
                        "--batch_size=4", "--epochs=2", "--lr=0.05", "--workers=1", "--amp_level=off",
                        f"--output_root={tmp_path}", *TINY, "--fps-warmup-steps", "1")
     out_dir = tmp_path / "3"
@@ -183,32 +192,33 @@ def test_full_1p_image_folder(image_folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def full_8p(image_folder, tmp_path_factory):
+def full_8p(data_dir, tmp_path_factory):
     """A 2-process accuracy run; its checkpoint is evaluated by test_eval_8p."""
     root = tmp_path_factory.mktemp("full8p")
-    result = launch_ok("train_full_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
-                       "--batch_size=8", "--epochs=1", "--lr=0.05", "--workers=0", f"--output_root={root}", *TINY,
+    result = launch_ok("train_full_8p.sh", f"--data_path={data_dir}", "--device=cpu", "--num_devices=2",
+                       "--batch_size=4", "--epochs=1", "--lr=0.05", "--workers=0", f"--output_root={root}", *TINY,
                        "--fps-warmup-steps", "1")
     return result, root / "0"
 
 
 def test_full_8p(full_8p):
     result, out_dir = full_8p
-    case = f"{NETWORK}_bs8_2p_acc"
+    case = f"{NETWORK}_bs4_2p_acc"
     fields, summary = read_case(out_dir, case)
-    check_common(result, out_dir, fields, summary, case, ranks=2, batch=8)
+    check_common(result, out_dir, fields, summary, case, ranks=2, batch=4)
     check_speed(result, fields, summary)
     check_rank0_log(out_dir / "train_0.log", epochs=1, validations=1)
     assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
-    # Distributed validation scores each of the 7 images once: a whole number of them is right.
+    # Distributed validation scores each of the 9 images once: a whole number of them is right.
     right = summary["val_acc1"] * VAL_IMAGES / 100
     assert right == pytest.approx(round(right), abs=1e-3)
+    assert summary["val_images"] == VAL_IMAGES
     assert (out_dir / "model_best.pth.tar").is_file()
 
 
-def test_eval_8p(full_8p, image_folder, tmp_path):
+def test_eval_8p(full_8p, data_dir, tmp_path):
     _, train_dir = full_8p
-    result = launch_ok("train_eval_8p.sh", f"--data_path={image_folder}", "--device=cpu", "--num_devices=2",
+    result = launch_ok("train_eval_8p.sh", f"--data_path={data_dir}", "--device=cpu", "--num_devices=2",
                        "--batch_size=4", "--workers=0", "--launcher=torchrun",
                        f"--resume={train_dir / 'model_best.pth.tar'}", f"--output_root={tmp_path}", *TINY)
     out_dir = tmp_path / "0"
@@ -218,14 +228,16 @@ def test_eval_8p(full_8p, image_folder, tmp_path):
     assert "ActualFPS" not in fields and "Final Performance" not in result.stdout
     assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
     # The checkpoint scored on 2 processes gives what training measured for it.
-    _, train_summary = read_case(train_dir, f"{NETWORK}_bs8_2p_acc")
+    _, train_summary = read_case(train_dir, f"{NETWORK}_bs4_2p_acc")
     assert summary["val_acc1"] == pytest.approx(train_summary["best_acc1"], abs=1e-6)
+    assert summary["val_images"] == VAL_IMAGES
     assert len(re.findall(r"\* Acc@1 ", (out_dir / "train_0.log").read_text())) == 1
 
 
 def test_performance_8p_synthetic(tmp_path):
     result = launch_ok("train_performance_8p.sh", "--device=cpu", "--device_list=0,1", "--batch_size=8",
-                       "--steps=4", "--fps_warmup_steps=1", f"--output_root={tmp_path}", *TINY)
+                       "--steps=4", "--fps_warmup_steps=1", "--workers=0", f"--output_root={tmp_path}", *TINY,
+                       "--dummy-images", "64")
     out_dir = tmp_path / "0"
     case = f"{NETWORK}_bs8_2p_perf"
     fields, summary = read_case(out_dir, case)

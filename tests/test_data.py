@@ -1,0 +1,180 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from utils import UserError
+
+
+def _save(path, mode, size=(20, 24), fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    colour = {"RGB": (200, 30, 30), "L": 128, "CMYK": (0, 200, 200, 20), "P": 3}[mode]
+    Image.new(mode, size, colour).save(path, format=fmt)
+
+
+def _folder(root, layout):
+    """layout: {split: {class: number of RGB PNGs}}."""
+    for split, classes in layout.items():
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for name, count in classes.items():
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                _save(os.path.join(root, split, name, f"{i}.png"), "RGB")
+    return str(root)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """cat/dog/fish in train; val lacks dog. Mixed modes and formats, plus files that are not images."""
+    root = _folder(tmp_path / "imagenet", {"train": {"cat": 2, "dog": 2, "fish": 2}, "val": {"cat": 1, "fish": 1}})
+    _save(os.path.join(root, "train", "cat", "grey.jpg"), "L", fmt="JPEG")
+    _save(os.path.join(root, "train", "dog", "cmyk.JPEG"), "CMYK", fmt="JPEG")
+    _save(os.path.join(root, "train", "fish", "palette.png"), "P")
+    _save(os.path.join(root, "val", "fish", "cmyk.jpeg"), "CMYK", fmt="JPEG")
+    for split in ("train", "val"):
+        with open(os.path.join(root, split, "cat", "notes.txt"), "w") as f:
+            f.write("not an image\n")
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
+    return root
+
+
+def test_image_folders_load_rgb_and_share_train_labels(folder):
+    train_set, val_set = data.image_folders(folder, data.train_transform(64), data.val_transform(72, 64))
+    assert train_set.classes == val_set.classes == ["cat", "dog", "fish"]
+    assert len(train_set) == 9 and len(val_set) == 3
+    assert sorted(label for _, label in val_set.samples) == [0, 2, 2]
+    for ds in (train_set, val_set):
+        for i in range(len(ds)):
+            image, label = ds[i]
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+            assert label == ds.samples[i][1]
+
+
+def test_val_labels_follow_train_class_names(tmp_path):
+    # Sorted on its own, val/ would call "b" class 0; it must get train/'s index 1.
+    root = _folder(tmp_path, {"train": {"a": 1, "b": 1, "c": 1}, "val": {"c": 1, "b": 2}})
+    _, val_set = data.image_folders(root, None, None)
+    assert sorted((os.path.basename(os.path.dirname(p)), label) for p, label in val_set.samples) == [
+        ("b", 1), ("b", 1), ("c", 2)]
+
+
+def test_transforms_accept_grey_cmyk_palette_images():
+    for mode in ("L", "CMYK", "P", "RGBA"):
+        image = Image.new(mode, (30, 20))
+        assert data.train_transform(64, scale=(0.35, 1.0))(image).shape == (3, 64, 64)
+        assert data.val_transform(64, 64)(image).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("layout, named", [
+    (None, ""),
+    ({"val": {"a": 1}}, "train"),
+    ({"train": {"a": 1}}, "val"),
+    ({"train": {}, "val": {"a": 1}}, "train"),
+    ({"train": {"a": 1}, "val": {}}, "val"),
+    ({"train": {"a": 0, "b": 0}, "val": {"a": 1}}, "train"),
+    ({"train": {"a": 1}, "val": {"a": 0}}, "val"),
+    ({"train": {"a": 1}, "val": {"a": 1, "zebra": 1}}, "val"),
+])
+def test_bad_layouts_name_the_folder(tmp_path, layout, named):
+    root = tmp_path / "ds"
+    if layout is not None:
+        _folder(root, layout)
+    with pytest.raises(UserError) as info:
+        data.image_folders(root, None, None)
+    assert str(root / named).rstrip("/") in str(info.value)
+    if "zebra" in str(layout):
+        assert "zebra" in str(info.value)
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "file.tar"
+    path.write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        data.image_folders(path, None, None)
+
+
+def test_eval_shard_sampler_visits_every_index_once():
+    for total in (0, 1, 2, 10, 11):
+        seen = []
+        for rank in range(3):
+            shard = list(data.EvalShardSampler(total, 3, rank))
+            assert len(data.EvalShardSampler(list(range(total)), 3, rank)) == len(shard)
+            seen += shard
+        assert sorted(seen) == list(range(total))
+    assert list(data.EvalShardSampler(10, 3, 1)) == [1, 4, 7]
+    with pytest.raises(ValueError):
+        data.EvalShardSampler(10, 3, 3)
+
+
+def test_synthetic_images_are_deterministic():
+    a, b = data.SyntheticImages(5, 10, 32, seed=3), data.SyntheticImages(5, 10, 32, seed=3)
+    assert len(a) == 5 and a.classes == [str(i) for i in range(10)]
+    for i in range(5):
+        (xa, ya), (xb, yb) = a[i], b[i]
+        assert xa.shape == (3, 32, 32) and torch.equal(xa, xb) and ya == yb and 0 <= ya < 10
+    assert not torch.equal(a[0][0], a[1][0])
+    assert not torch.equal(a[0][0], data.SyntheticImages(5, 10, 32, seed=4)[0][0])
+    with pytest.raises(IndexError):
+        a[5]
+
+
+def test_prepare_demo_folder_is_complete_and_idempotent(tmp_path):
+    from sklearn.datasets import load_digits
+
+    root = tmp_path / "cache" / "digits"
+    assert data.prepare_demo_folder(root) == str(root)
+    per_class = np.bincount(load_digits().target)
+    expected_val = [round(n * data.DEMO_VAL_FRACTION) for n in per_class]
+    counts = {}
+    for split in ("train", "val"):
+        assert sorted(os.listdir(root / split)) == [str(d) for d in range(10)]
+        counts[split] = [len(os.listdir(root / split / str(d))) for d in range(10)]
+    assert counts["val"] == expected_val
+    assert [t + v for t, v in zip(counts["train"], counts["val"])] == list(per_class)
+    with Image.open(next((root / "val" / "3").iterdir())) as image:
+        assert image.mode == "RGB" and image.size == (data.DEMO_IMAGE_SIZE, data.DEMO_IMAGE_SIZE)
+    assert os.listdir(root.parent) == ["digits"]
+
+    files = sorted(str(p) for p in root.rglob("*"))
+    mtimes = [os.stat(p).st_mtime_ns for p in files]
+    assert data.prepare_demo_folder(str(root)) == str(root)
+    assert sorted(str(p) for p in root.rglob("*")) == files
+    assert [os.stat(p).st_mtime_ns for p in files] == mtimes
+
+    train_set, val_set = data.image_folders(root, None, None)
+    assert train_set.classes == [str(d) for d in range(10)] and len(val_set) == sum(expected_val)
+
+
+def test_prepare_demo_folder_distrusts_a_half_written_folder(tmp_path):
+    root = tmp_path / "digits"
+    _folder(root, {"train": {"0": 1}})
+    with pytest.raises(UserError, match=str(root)):
+        data.prepare_demo_folder(root)
+
+
+def test_build_loader_seeded_shuffle_and_augmentation_repeat(folder):
+    ids = list(range(40))
+    orders = [[int(i) for batch in data.build_loader(ids, 4, 0, shuffle=True, seed=7) for i in batch]
+              for _ in range(2)]
+    assert orders[0] == orders[1] != ids and sorted(orders[0]) == ids
+    other = [int(i) for batch in data.build_loader(ids, 4, 0, shuffle=True, seed=8) for i in batch]
+    assert other != orders[0]
+
+    train_set, _ = data.image_folders(folder, data.train_transform(64), None)
+    runs = []
+    for _ in range(2):
+        loader = data.build_loader(train_set, 3, 1, shuffle=True, drop_last=True, seed=5)
+        assert loader.persistent_workers and len(loader) == 3
+        runs.append([(x, y) for x, y in loader])
+    for (xa, ya), (xb, yb) in zip(*runs):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_build_loader_with_sampler(folder):
+    _, val_set = data.image_folders(folder, None, data.val_transform(64, 64))
+    loader = data.build_loader(val_set, 2, 0, sampler=data.EvalShardSampler(val_set, 2, 1))
+    assert not loader.persistent_workers
+    assert [y.tolist() for _, y in loader] == [[val_set.samples[1][1]]]
