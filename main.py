@@ -37,7 +37,7 @@ def build_parser():
                         help="BatchNorm momentum (torchvision's 0.0003 barely moves the statistics in short runs)")
 
     group = parser.add_argument_group("data")
-    group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process (default: by CPUs)")
+    group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process; unset: from the CPUs per process")
     group.add_argument("--dummy", action="store_true", help="synthetic ImageNet-sized data, no DIR needed")
     group.add_argument("--dummy-images", default=1281167, type=int, help="training images in --dummy mode")
     group.add_argument("--train-crop-size", default=224, type=int)
@@ -47,7 +47,7 @@ def build_parser():
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
-    group.add_argument("--start-epoch", default=None, type=int, help="epoch to start at (default: 0, or the resumed one)")
+    group.add_argument("--start-epoch", default=None, type=int, help="epoch to start at; unset: 0, or the resumed checkpoint's")
     group.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch, split across processes")
     group.add_argument("--lr", "--learning-rate", default=0.1, type=float)
     group.add_argument("--momentum", default=0.9, type=float)
@@ -61,8 +61,8 @@ def build_parser():
 
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
-    group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3 (default: 0, or all with "
-                                                          "--multiprocessing-distributed)")
+    group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3; unset: 0, or every device "
+                                                          "with --multiprocessing-distributed")
     group.add_argument("--multiprocessing-distributed", action="store_true",
                        help="one process per --device-list entry on this node")
     group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
@@ -87,6 +87,8 @@ def build_parser():
     group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
     group.add_argument("--pretrained", default="", metavar="PATH", help="start from these weights (ours or torchvision's)")
     group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
+    group.add_argument("--no-checkpoint", action="store_true",
+                       help="write no checkpoints (performance runs, which must not replace a real run's)")
     group.add_argument("--seed", default=None, type=int)
     group.add_argument("-p", "--print-freq", default=10, type=int)
     group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
@@ -255,11 +257,12 @@ def train(local_rank, args):
 
     summary = {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
                "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None,
-               "train_acc1": None, "val_acc1": None, "val_acc5": None, "val_images": None, "history": []}
+               "train_acc1": None, "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None,
+               "history": []}
     if args.evaluate:
         result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
-        summary.update(val_acc1=result["acc1"], val_acc5=result["acc5"], val_images=result["count"],
-                       best_acc1=result["acc1"])
+        summary.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"],
+                       val_images=result["count"], best_acc1=result["acc1"])
         write_summary(summary, None, run_start, runtime, args, log)
         return
 
@@ -277,12 +280,13 @@ def train(local_rank, args):
             runtime.broadcast_buffers(model_without_ddp)
             val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
             acc1 = val_stats["acc1"]
-            summary.update(val_acc1=acc1, val_acc5=val_stats["acc5"], val_images=val_stats["count"])
+            summary.update(val_loss=val_stats["loss"], val_acc1=acc1, val_acc5=val_stats["acc5"],
+                           val_images=val_stats["count"])
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1})
         is_best = acc1 is not None and acc1 > best_acc1
         best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
-        if runtime.is_main:
+        if runtime.is_main and not args.no_checkpoint:
             state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
                      "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),

@@ -301,7 +301,7 @@ build_command() {
         [[ $kind != eval ]] && main_args+=(--loss-scale "$loss_scale")
     fi
     if [[ $kind == perf ]]; then
-        main_args+=(--max-steps "$steps" --fps-warmup-steps "$fps_warmup" --no-val)
+        main_args+=(--max-steps "$steps" --fps-warmup-steps "$fps_warmup" --no-val --no-checkpoint)
     fi
 
     if [[ $scale == 1p ]]; then
