@@ -130,6 +130,8 @@ def check_args(args):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
 
     args.device_kind = device.resolve_device_kind(args.device)
+    if args.sync_bn and args.device_kind == "cpu":
+        raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
     if args.amp and args.amp_backend == "apex":
         if args.device_kind == "cpu":
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
