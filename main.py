@@ -19,6 +19,7 @@ import checkpoint
 import data
 import device
 import engine
+import metrics
 import mnasnet
 import recipe
 from utils import UserError, epoch_seed, seed_everything, setup_logging
@@ -95,6 +96,8 @@ def build_parser():
     group.add_argument("--output-dir", default="output", help="logs and checkpoints")
     group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
     group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write the per-epoch metrics as TensorBoard scalars in <output-dir>/tensorboard")
     return parser
 
 
@@ -129,6 +132,8 @@ def check_args(args):
         if path and not os.path.isfile(path):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
 
+    if args.tensorboard:
+        metrics.tensorboard_writer_class()
     args.device_kind = device.resolve_device_kind(args.device)
     if args.amp and args.amp_backend == "apex":
         if args.device_kind == "cpu":
@@ -219,6 +224,8 @@ def train(local_rank, args):
     log.info(f"=> {args.arch}, {num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
              f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
 
+    # Class folder names travel in the checkpoint, so classify.py can name its predictions.
+    class_names = list(train_set.classes) if args.data_dir is not None else None
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
     if args.pretrained:
@@ -267,15 +274,18 @@ def train(local_rank, args):
         return
 
     throughput = engine.ThroughputMeter(args.fps_warmup_steps)
+    metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         if args.seed is not None:
             seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
+        epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
                                              runtime, epoch, args, log, throughput)
+        train_seconds = time.perf_counter() - epoch_start
         summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,
                        train_loss=train_stats["loss"], train_acc1=train_stats["acc1"])
-        acc1 = None
+        acc1, val_stats = None, {}
         if not args.no_val:
             runtime.broadcast_buffers(model_without_ddp)
             val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
@@ -284,16 +294,25 @@ def train(local_rank, args):
                            val_images=val_stats["count"])
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1})
+        if metrics_log is not None:
+            # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
+            metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
+                              val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
+                              lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
+                              epoch_seconds=time.perf_counter() - epoch_start)
         is_best = acc1 is not None and acc1 > best_acc1
         best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
         if runtime.is_main and not args.no_checkpoint:
             state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
                      "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
-                     "num_classes": num_classes, "args": checkpoint.plain_args(args)}
+                     "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
             path = checkpoint.save_checkpoint(state, is_best, args.output_dir)
             log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
         runtime.barrier()
+    if metrics_log is not None:
+        metrics_log.close()
+        metrics.plot_curves(metrics_log.path, metrics.default_png(metrics_log.path))
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
 
