@@ -22,7 +22,7 @@ import engine
 import metrics
 import mnasnet
 import recipe
-from utils import UserError, epoch_seed, seed_everything, setup_logging
+from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
@@ -63,7 +63,7 @@ def build_parser():
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
     group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3; unset: 0, or every device "
-                                                          "with --multiprocessing-distributed")
+                                                          "with --multiprocessing-distributed, torchrun or srun")
     group.add_argument("--multiprocessing-distributed", action="store_true",
                        help="one process per --device-list entry on this node")
     group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
@@ -140,7 +140,7 @@ def check_args(args):
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
         device.import_apex_amp()
     default_ids = "0"
-    if args.multiprocessing_distributed and args.device_kind != "cpu":
+    if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
         default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
     args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
 
@@ -313,6 +313,9 @@ def train(local_rank, args):
     if metrics_log is not None:
         metrics_log.close()
         metrics.plot_curves(metrics_log.path, metrics.default_png(metrics_log.path))
+    # Every rank logs it (ranks > 0 in rank<k>.log): equal digests prove all nodes ended with the same weights.
+    summary["weights_sha256"] = state_digest(model_without_ddp.state_dict())
+    log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
 

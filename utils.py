@@ -1,4 +1,5 @@
 """Small shared helpers: user-facing errors, logging, metrics and seeding."""
+import hashlib
 import logging
 import os
 import random
@@ -45,6 +46,15 @@ def epoch_seed(seed, epoch, rank):
     """A distinct seed for each (run seed, epoch, rank): augmentations differ across epochs and ranks, and a run
     resumed at an epoch boundary draws the same random numbers as an uninterrupted one."""
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 32
+
+
+def state_digest(state):
+    """SHA-256 of a state dict, bit for bit: equal only where the weights are identical."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_correct(output, target, topk=(1, 5)):
