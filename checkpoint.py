@@ -45,12 +45,15 @@ def _atomic_write(write, path):
         raise
 
 
-def save_checkpoint(state, is_best, output_dir):
-    """``checkpoint.pth.tar`` always, and a copy as ``model_best.pth.tar`` when it is the best so far."""
+def save_checkpoint(state, is_best, output_dir, best=None):
+    """``checkpoint.pth.tar`` always, and ``model_best.pth.tar`` when it is the best so far: a copy, or ``best``
+    when given (the checkpoint with the EMA weights as its ``state_dict``, when those scored higher)."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     try:
         _atomic_write(lambda handle: torch.save(state, handle), path)
-        if is_best:
+        if is_best and best is not None:
+            _atomic_write(lambda handle: torch.save(best, handle), os.path.join(output_dir, BEST_NAME))
+        elif is_best:
             def copy(handle):
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, handle)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import recipe
 from utils import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -312,7 +313,11 @@ def import_apex_amp():
 
 
 def build_optimizer(kind, params, args):
-    """SGD; on NPU with apex, Ascend's fused SGD, which works on apex's combined gradient buffers."""
+    """SGD or the paper's TensorFlow-style RMSProp; SGD on NPU with apex is Ascend's fused SGD, which works on
+    apex's combined gradient buffers."""
+    if args.opt == "rmsprop":
+        return recipe.RMSpropTF(params, lr=args.lr, decay=args.rmsprop_decay, momentum=args.momentum,
+                                eps=args.opt_eps)
     if args.amp and args.amp_backend == "apex" and kind == "npu":
         from apex.optimizers import NpuFusedSGD
         return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
@@ -328,7 +333,7 @@ def build_precision(kind, model, optimizer, args):
     amp = import_apex_amp()
     loss_scale = args.loss_scale if args.loss_scale == "dynamic" else float(args.loss_scale)
     options = {"opt_level": args.opt_level, "loss_scale": loss_scale}
-    if kind == "npu":
-        options["combine_grad"] = True
+    if kind == "npu" and args.opt == "sgd":
+        options["combine_grad"] = True  # only NpuFusedSGD reads the combined buffers
     model, optimizer = amp.initialize(model, optimizer, **options)
     return model, optimizer, ApexAmp(amp, args.opt_level)

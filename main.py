@@ -45,6 +45,11 @@ def build_parser():
     group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
     group.add_argument("--val-resize-size", default=256, type=int)
     group.add_argument("--val-crop-size", default=224, type=int)
+    group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
+                       help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
+    group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
+    group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
+    group.add_argument("--cutmix", default=0.0, type=float, help="CutMix alpha (0: off); with --mixup, one per batch")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
@@ -59,6 +64,18 @@ def build_parser():
     group.add_argument("--label-smoothing", default=0.1, type=float)
     group.add_argument("--warmup", default=0, type=float, help="linear warm-up epochs from 0.1x the LR")
     group.add_argument("--max-steps", default=0, type=int, help="stop each epoch after N steps (0: whole epoch)")
+    group.add_argument("--opt", default="sgd", choices=["sgd", "rmsprop"],
+                       help="rmsprop: TensorFlow's, as in the MnasNet paper (eps inside the square root)")
+    group.add_argument("--rmsprop-decay", default=0.9, type=float)
+    group.add_argument("--opt-eps", default=1e-3, type=float, help="RMSProp epsilon")
+    group.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "step", "exponential"],
+                       help="after --warmup; step and exponential decay by --lr-decay-rate every --lr-decay-epochs")
+    group.add_argument("--lr-decay-epochs", default=None, type=float, help="unset: 30 (step), 2.4 (exponential)")
+    group.add_argument("--lr-decay-rate", default=None, type=float, help="unset: 0.1 (step), 0.97 (exponential)")
+    group.add_argument("--model-ema", action="store_true",
+                       help="also keep, validate and checkpoint an EMA of the weights and BatchNorm statistics")
+    group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
+    group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
 
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
@@ -113,12 +130,16 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
-    for name in ("epochs", "batch_size", "print_freq"):
+    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
         raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
                         "native torch.amp is O1-style autocast")
+    if args.model_ema and args.amp and args.amp_backend == "apex" and args.opt_level == "O2":
+        raise UserError("--model-ema averages fp32 weights; apex O2 keeps fp16 ones: use --opt-level O1")
+    if not 0 <= args.random_erase <= 1 or args.mixup < 0 or args.cutmix < 0:
+        raise UserError("--random-erase must be a probability in [0, 1]; --mixup and --cutmix alphas at least 0")
     if args.loss_scale != "dynamic":
         try:
             if float(args.loss_scale) <= 0:
@@ -163,7 +184,8 @@ def build_datasets(args):
         return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
                 data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
     return data.image_folders(args.data_dir,
-                              data.train_transform(args.train_crop_size, scale=(args.min_crop_scale, 1.0)),
+                              data.train_transform(args.train_crop_size, (args.min_crop_scale, 1.0),
+                                                   args.auto_augment, args.random_erase),
                               data.val_transform(args.val_resize_size, args.val_crop_size))
 
 
@@ -240,6 +262,7 @@ def train(local_rank, args):
     optimizer = device.build_optimizer(runtime.kind, params, args)
     model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
     model_without_ddp = model
+    ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
     if runtime.distributed:
         device_ids = None if runtime.kind == "cpu" else [runtime.device]
         # Buffers are broadcast explicitly before validation instead of at every step.
@@ -247,7 +270,9 @@ def train(local_rank, args):
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args)
     steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
-    scheduler = recipe.warmup_cosine_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs)
+    scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
+                                   args.lr_decay_epochs, args.lr_decay_rate)
+    mix = data.batch_mix(num_classes, args.mixup, args.cutmix)
 
     start_epoch, best_acc1 = 0, 0.0
     if args.resume:
@@ -257,6 +282,8 @@ def train(local_rank, args):
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             precision.load_state_dict(state.get("precision", {}))
+            if ema is not None and "model_ema" in state:
+                ema.load_state_dict(state["model_ema"])
             start_epoch, best_acc1 = state["epoch"], state["best_acc1"]
         log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, best Acc@1 {state.get('best_acc1')})")
     if args.start_epoch is not None:
@@ -281,17 +308,22 @@ def train(local_rank, args):
             seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
         epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
-                                             runtime, epoch, args, log, throughput)
+                                             runtime, epoch, args, log, throughput, ema, mix)
         train_seconds = time.perf_counter() - epoch_start
         summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,
                        train_loss=train_stats["loss"], train_acc1=train_stats["acc1"])
-        acc1, val_stats = None, {}
+        acc1, val_stats, ema_stats = None, {}, {}
         if not args.no_val:
             runtime.broadcast_buffers(model_without_ddp)
             val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
             acc1 = val_stats["acc1"]
             summary.update(val_loss=val_stats["loss"], val_acc1=acc1, val_acc5=val_stats["acc5"],
                            val_images=val_stats["count"])
+            if ema is not None:
+                runtime.broadcast_buffers(ema)
+                ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, name="EMA")
+                summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
+                               ema_val_acc5=ema_stats["acc5"])
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1})
         if metrics_log is not None:
@@ -299,15 +331,24 @@ def train(local_rank, args):
             metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
                               val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
                               lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
-                              epoch_seconds=time.perf_counter() - epoch_start)
-        is_best = acc1 is not None and acc1 > best_acc1
-        best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
+                              epoch_seconds=time.perf_counter() - epoch_start, ema_val_loss=ema_stats.get("loss"),
+                              ema_val_acc1=ema_stats.get("acc1"), ema_val_acc5=ema_stats.get("acc5"))
+        # The best checkpoint holds whichever of the weights and their EMA scored higher.
+        ema_better = bool(ema_stats) and ema_stats["acc1"] > acc1
+        score = ema_stats["acc1"] if ema_better else acc1
+        is_best = score is not None and score > best_acc1
+        best_acc1 = max(best_acc1, score) if score is not None else best_acc1
         if runtime.is_main and not args.no_checkpoint:
             state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
                      "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
                      "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
-            path = checkpoint.save_checkpoint(state, is_best, args.output_dir)
+            best = None
+            if ema is not None:
+                state["model_ema"] = ema.state_dict()
+                if ema_better:
+                    best = {**state, "state_dict": ema.module.state_dict(), "weights": "ema"}
+            path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
             log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
         runtime.barrier()
     if metrics_log is not None:

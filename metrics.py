@@ -13,7 +13,7 @@ from utils import UserError
 CSV_NAME = "metrics.csv"
 PNG_NAME = "metrics.png"
 FIELDS = ("epoch", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_s",
-          "epoch_seconds")
+          "epoch_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5")
 
 
 def _cell(value):
@@ -94,9 +94,10 @@ def plot_curves(csv_path, png_path):
     rows = read_rows(csv_path)
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
     points = {}
-    for axes, curves in ((loss_axes, (("train_loss", "train loss"), ("val_loss", "val loss"))),
+    for axes, curves in ((loss_axes, (("train_loss", "train loss"), ("val_loss", "val loss"),
+                                      ("ema_val_loss", "EMA val loss"))),
                          (acc_axes, (("train_acc1", "train Acc@1"), ("val_acc1", "val Acc@1"),
-                                     ("val_acc5", "val Acc@5")))):
+                                     ("val_acc5", "val Acc@5"), ("ema_val_acc1", "EMA val Acc@1")))):
         for key, label in curves:
             epochs, values = _series(rows, key)
             if epochs:

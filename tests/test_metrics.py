@@ -26,10 +26,10 @@ def resumed_run(image_folder, tmp_path_factory):
 
     save = checkpoint.save_checkpoint
 
-    def die_before_second_save(state, is_best, folder):
+    def die_before_second_save(state, is_best, folder, **options):
         if state["epoch"] == 2:
             raise Killed
-        return save(state, is_best, folder)
+        return save(state, is_best, folder, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "save_checkpoint", die_before_second_save)
