@@ -1,10 +1,12 @@
 """One training epoch and one validation pass. Device-agnostic: everything device-specific is in ``runtime``
 and ``precision`` (device.py)."""
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from utils import Average, MetricSums
+from utils import Average, MetricSums, interactive
 
 
 class ThroughputMeter:
@@ -50,6 +52,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     window_start = None
     window_first_step = throughput.warmup_steps
 
+    # On a terminal only: log files (and pipes) get exactly the reference's lines.
+    bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
+               file=sys.stdout, disable=not (runtime.is_main and interactive()))
     runtime.synchronize()
     interval_start = last_step_end = time.perf_counter()
     interval_steps, interval_data = 0, 0.0
@@ -66,6 +71,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         scheduler.step()
         if ema is not None and (step + 1) % args.model_ema_steps == 0:
             ema.update_parameters(model)
+        bar.update(args.batch_size)
         interval.update(loss, output, labels)
         epoch_sums.update(loss, output, labels)
         interval_steps += 1
@@ -97,6 +103,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             interval_start = time.perf_counter()
             interval_steps, interval_data = 0, 0.0
         last_step_end = time.perf_counter()
+    bar.close()
 
     runtime.synchronize()
     if window_start is not None and steps > window_first_step:

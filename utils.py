@@ -7,10 +7,26 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """A problem with the user's input; main.py prints it as one line and exits with status 2."""
+
+
+def interactive():
+    """Whether this process's console is a terminal: there a progress bar runs and log lines print above it."""
+    return sys.stdout.isatty()
+
+
+class _ConsoleAboveBar(logging.StreamHandler):
+    """Console lines written through tqdm, so they land above a running progress bar instead of across it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(output_dir, log_file, rank):
@@ -24,7 +40,7 @@ def setup_logging(output_dir, log_file, rank):
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if rank == 0:
-        handlers = [logging.StreamHandler(sys.stdout),
+        handlers = [_ConsoleAboveBar(sys.stdout) if interactive() else logging.StreamHandler(sys.stdout),
                     logging.FileHandler(os.path.join(output_dir, log_file))]
     else:
         console = open(os.path.join(output_dir, f"rank{rank}.log"), "a", buffering=1)

@@ -90,3 +90,18 @@ def test_plot_of_a_missing_file_is_one_line(tmp_path, capsys):
         metrics.main([str(tmp_path / "none.csv")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: metrics file not found: {tmp_path / 'none.csv'}"
+
+
+def test_progress_bar_on_a_terminal_only(image_folder, tmp_path, capsys, monkeypatch):
+    import engine
+    import utils
+    run_main(image_folder, *tiny_flags(tmp_path / "pipe", "--epochs", "1", "--max-steps", "2", "--no-checkpoint"))
+    assert "img/s" not in capsys.readouterr().out
+    monkeypatch.setattr(utils, "interactive", lambda: True)
+    monkeypatch.setattr(engine, "interactive", lambda: True)
+    run_main(image_folder, *tiny_flags(tmp_path / "tty", "--epochs", "1", "--max-steps", "2", "--no-checkpoint"))
+    console = capsys.readouterr().out
+    assert "Epoch 0: " in console and "img/s" in console  # the bar
+    assert "Epoch: [0][2/2]\tTime " in console  # the reference lines, printed above it
+    log = (tmp_path / "tty" / "train.log").read_text()
+    assert "Epoch: [0][2/2]\tTime " in log and "img/s" not in log and "\r" not in log
