@@ -3,6 +3,7 @@
     python main.py /data/imagenet -a mnasnet1_0 --device npu --amp             # 1 device
     python main.py /data/imagenet --multiprocessing-distributed --device-list 0,1,2,3,4,5,6,7 --amp
     torchrun --nproc_per_node 8 main.py /data/imagenet --amp                   # also multi-node
+    srun python main.py /data/imagenet --amp                                   # SLURM: one task per device
     python main.py                                                             # demo: digits, a few minutes on a CPU
 """
 import argparse
