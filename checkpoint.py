@@ -45,12 +45,15 @@ def _atomic_write(write, path):
         raise
 
 
-def save_checkpoint(state, is_best, output_dir):
-    """``checkpoint.pth.tar`` always, and a copy as ``model_best.pth.tar`` when it is the best so far."""
+def save_checkpoint(state, is_best, output_dir, best=None):
+    """``checkpoint.pth.tar`` always, and ``model_best.pth.tar`` when it is the best so far: a copy, or ``best``
+    when given (the checkpoint with the EMA weights as its ``state_dict``, when those scored higher)."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     try:
         _atomic_write(lambda handle: torch.save(state, handle), path)
-        if is_best:
+        if is_best and best is not None:
+            _atomic_write(lambda handle: torch.save(best, handle), os.path.join(output_dir, BEST_NAME))
+        elif is_best:
             def copy(handle):
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, handle)
@@ -124,3 +127,26 @@ def load_model_weights(model, obj, arch, source):
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise UserError(f"{source} does not fit {arch}: {detail[:300]}") from None
+
+
+def load_model(path, arch=None):
+    """An eval-mode model built and loaded from a weights file (ours, ``module.``-prefixed or torchvision's).
+
+    The arch comes from the file when it names one; torchvision's bare state dicts need ``arch``. Returns
+    (model, the loaded file's content).
+    """
+    import mnasnet
+
+    obj = load_file(path)
+    saved_arch = obj.get("arch") if isinstance(obj, dict) else None
+    arch = arch or saved_arch
+    if arch is None:
+        raise UserError(f"{path} does not say which model it holds; give -a/--arch ({', '.join(sorted(mnasnet.ARCHS))})")
+    if arch not in mnasnet.ARCHS:
+        raise UserError(f"unknown arch {arch!r}; choose from {', '.join(sorted(mnasnet.ARCHS))}")
+    classifier = model_state(obj).get("classifier.1.weight")
+    if classifier is None:
+        raise UserError(f"{path} holds no MnasNet classifier (classifier.1.weight)")
+    model = mnasnet.ARCHS[arch](num_classes=classifier.shape[0])
+    load_model_weights(model, obj, arch, path)
+    return model.eval(), obj

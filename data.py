@@ -8,6 +8,7 @@ import tempfile
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
+from torchvision.transforms import v2
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils import UserError
@@ -44,14 +45,35 @@ def _to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def train_transform(crop_size, scale=(0.08, 1.0)):
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.RandomResizedCrop(crop_size, scale=scale),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment}
+
+
+def train_transform(crop_size, scale=(0.08, 1.0), auto_augment=None, random_erase=0.0):
+    """RandomResizedCrop and flip, optionally TrivialAugmentWide / RandAugment and RandomErasing (after
+    normalisation, filling with 0, the mean)."""
+    steps = [transforms.Lambda(_to_rgb), transforms.RandomResizedCrop(crop_size, scale=scale),
+             transforms.RandomHorizontalFlip()]
+    if auto_augment:
+        steps.append(AUTO_AUGMENT[auto_augment]())
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase, value=0))
+    return transforms.Compose(steps)
+
+
+def batch_mix(num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """MixUp and/or CutMix (one of the two, at random, per batch) on a batch already on the device, returning
+    soft targets for the loss; None when both are off."""
+    choices = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    mix = v2.RandomChoice(choices)
+
+    def apply(images, target):
+        return mix(images, target.long())  # one-hot encoding needs int64 labels (NPU labels are int32)
+    return apply
 
 
 def val_transform(resize_size, crop_size):

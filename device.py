@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import recipe
 from utils import UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
 def _npu_available():
@@ -78,6 +80,23 @@ def launched_by_torchrun():
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def launched_by_slurm():
+    """An srun step of several tasks. SLURM_STEP_NUM_TASKS, which only srun sets, tells its tasks from an sbatch
+    script's own shell: that one also carries SLURM_PROCID and SLURM_NTASKS but is a single process."""
+    return ("SLURM_STEP_NUM_TASKS" in os.environ and all(name in os.environ for name in SLURM_VARIABLES)
+            and int(os.environ["SLURM_NTASKS"]) > 1)
+
+
+def launcher_ranks():
+    """(rank, world size, local rank) set by torchrun (which wins, e.g. torchrun run by srun) or srun; None when
+    neither started this process."""
+    if launched_by_torchrun():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if launched_by_slurm():
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    return None
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,11 +106,12 @@ def _free_port():
 def launch(worker, args):
     """Run ``worker(local_rank, args)`` in the right number of processes.
 
-    torchrun (or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK) already made the processes; the
+    torchrun (or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK) or srun already made the processes; the
     reference's 8p mode spawns one per entry of --device-list on this node; otherwise one process.
     """
-    if launched_by_torchrun():
-        worker(int(os.environ["LOCAL_RANK"]), args)
+    ranks = launcher_ranks()
+    if ranks is not None:
+        worker(ranks[2], args)
     elif args.multiprocessing_distributed:
         nprocs = len(args.device_ids)
         if args.dist_url == "env://":
@@ -160,8 +180,9 @@ class Runtime:
 def setup_runtime(args, local_rank):
     """Bind this process to its device and join the process group (a no-op for one process)."""
     kind = args.device_kind
-    if launched_by_torchrun():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    ranks = launcher_ranks()
+    if ranks is not None:
+        rank, world_size, _ = ranks
     elif args.multiprocessing_distributed:
         nprocs = len(args.device_ids)
         world_size = args.world_size * nprocs
@@ -180,7 +201,11 @@ def setup_runtime(args, local_rank):
 
     if world_size > 1:
         backend = args.dist_backend or BACKENDS[kind]
-        init_method = args.dist_url if not launched_by_torchrun() else "env://"
+        init_method = "env://" if launched_by_torchrun() else args.dist_url
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if init_method == "env://" and missing:
+            raise UserError(f"{' and '.join(missing)} not set: export MASTER_ADDR (e.g. the first host of "
+                            "$SLURM_JOB_NODELIST) and MASTER_PORT on every node, or give --dist-url tcp://HOST:PORT")
         dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
     return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind))
@@ -288,7 +313,11 @@ def import_apex_amp():
 
 
 def build_optimizer(kind, params, args):
-    """SGD; on NPU with apex, Ascend's fused SGD, which works on apex's combined gradient buffers."""
+    """SGD or the paper's TensorFlow-style RMSProp; SGD on NPU with apex is Ascend's fused SGD, which works on
+    apex's combined gradient buffers."""
+    if args.opt == "rmsprop":
+        return recipe.RMSpropTF(params, lr=args.lr, decay=args.rmsprop_decay, momentum=args.momentum,
+                                eps=args.opt_eps)
     if args.amp and args.amp_backend == "apex" and kind == "npu":
         from apex.optimizers import NpuFusedSGD
         return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
@@ -304,7 +333,7 @@ def build_precision(kind, model, optimizer, args):
     amp = import_apex_amp()
     loss_scale = args.loss_scale if args.loss_scale == "dynamic" else float(args.loss_scale)
     options = {"opt_level": args.opt_level, "loss_scale": loss_scale}
-    if kind == "npu":
-        options["combine_grad"] = True
+    if kind == "npu" and args.opt == "sgd":
+        options["combine_grad"] = True  # only NpuFusedSGD reads the combined buffers
     model, optimizer = amp.initialize(model, optimizer, **options)
     return model, optimizer, ApexAmp(amp, args.opt_level)

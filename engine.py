@@ -1,10 +1,12 @@
 """One training epoch and one validation pass. Device-agnostic: everything device-specific is in ``runtime``
 and ``precision`` (device.py)."""
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from utils import Average, MetricSums
+from utils import Average, MetricSums, interactive
 
 
 class ThroughputMeter:
@@ -36,8 +38,12 @@ def _to_device(images, target, runtime):
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
-                    throughput):
-    """Train for one epoch (or ``args.max_steps`` steps); returns the epoch's global mean loss, Acc@1, Acc@5."""
+                    throughput, ema=None, mix=None):
+    """Train for one epoch (or ``args.max_steps`` steps); returns the epoch's global mean loss, Acc@1, Acc@5.
+
+    ``mix`` (MixUp/CutMix) turns a batch's labels into soft targets for the loss; accuracy is still scored
+    against each image's own label. ``ema`` is updated every ``args.model_ema_steps`` steps.
+    """
     model.train()
     steps = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
     interval, epoch_sums = MetricSums(runtime.device), MetricSums(runtime.device)
@@ -46,6 +52,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     window_start = None
     window_first_step = throughput.warmup_steps
 
+    # On a terminal only: log files (and pipes) get exactly the reference's lines.
+    bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
+               file=sys.stdout, disable=not (runtime.is_main and interactive()))
     runtime.synchronize()
     interval_start = last_step_end = time.perf_counter()
     interval_steps, interval_data = 0, 0.0
@@ -53,14 +62,18 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         if step >= steps:
             break
         interval_data += time.perf_counter() - last_step_end
-        images, target = _to_device(images, target, runtime)
+        images, labels = _to_device(images, target, runtime)
+        images, target = mix(images, labels) if mix is not None else (images, labels)
         with precision.autocast():
             output = model(images)
             loss = criterion(output, target)
         precision.step(loss, optimizer)
         scheduler.step()
-        interval.update(loss, output, target)
-        epoch_sums.update(loss, output, target)
+        if ema is not None and (step + 1) % args.model_ema_steps == 0:
+            ema.update_parameters(model)
+        bar.update(args.batch_size)
+        interval.update(loss, output, labels)
+        epoch_sums.update(loss, output, labels)
         interval_steps += 1
         global_batch = target.shape[0] * runtime.world_size
 
@@ -90,6 +103,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             interval_start = time.perf_counter()
             interval_steps, interval_data = 0, 0.0
         last_step_end = time.perf_counter()
+    bar.close()
 
     runtime.synchronize()
     if window_start is not None and steps > window_first_step:
@@ -109,8 +123,11 @@ def _global_means(sums, runtime):
 
 
 @torch.no_grad()
-def evaluate(model, criterion, precision, loader, runtime, args, log):
-    """Score every validation image exactly once across all ranks; returns global loss, Acc@1, Acc@5, count."""
+def evaluate(model, criterion, precision, loader, runtime, args, log, name=""):
+    """Score every validation image exactly once across all ranks; returns global loss, Acc@1, Acc@5, count.
+
+    ``name`` tags the result line (" * EMA Acc@1 ..."), so parsers of the reference's " * Acc@1" line still
+    read the trained weights' score."""
     model.eval()
     sums = MetricSums(runtime.device)
     for step, (images, target) in enumerate(loader):
@@ -122,5 +139,5 @@ def evaluate(model, criterion, precision, loader, runtime, args, log):
         if (step + 1) % args.print_freq == 0:
             log.info(f"Test: [{step + 1}/{len(loader)}]")
     result = _global_means(sums, runtime)
-    log.info(f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f}")
+    log.info(f" *{' ' + name if name else ''} Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f}")
     return result

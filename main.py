@@ -3,6 +3,7 @@
     python main.py /data/imagenet -a mnasnet1_0 --device npu --amp             # 1 device
     python main.py /data/imagenet --multiprocessing-distributed --device-list 0,1,2,3,4,5,6,7 --amp
     torchrun --nproc_per_node 8 main.py /data/imagenet --amp                   # also multi-node
+    srun python main.py /data/imagenet --amp                                   # SLURM: one task per device
     python main.py                                                             # demo: digits, a few minutes on a CPU
 """
 import argparse
@@ -19,9 +20,10 @@ import checkpoint
 import data
 import device
 import engine
+import metrics
 import mnasnet
 import recipe
-from utils import UserError, epoch_seed, seed_everything, setup_logging
+from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
@@ -44,6 +46,11 @@ def build_parser():
     group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
     group.add_argument("--val-resize-size", default=256, type=int)
     group.add_argument("--val-crop-size", default=224, type=int)
+    group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
+                       help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
+    group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
+    group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
+    group.add_argument("--cutmix", default=0.0, type=float, help="CutMix alpha (0: off); with --mixup, one per batch")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
@@ -58,11 +65,23 @@ def build_parser():
     group.add_argument("--label-smoothing", default=0.1, type=float)
     group.add_argument("--warmup", default=0, type=float, help="linear warm-up epochs from 0.1x the LR")
     group.add_argument("--max-steps", default=0, type=int, help="stop each epoch after N steps (0: whole epoch)")
+    group.add_argument("--opt", default="sgd", choices=["sgd", "rmsprop"],
+                       help="rmsprop: TensorFlow's, as in the MnasNet paper (eps inside the square root)")
+    group.add_argument("--rmsprop-decay", default=0.9, type=float)
+    group.add_argument("--opt-eps", default=1e-3, type=float, help="RMSProp epsilon")
+    group.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "step", "exponential"],
+                       help="after --warmup; step and exponential decay by --lr-decay-rate every --lr-decay-epochs")
+    group.add_argument("--lr-decay-epochs", default=None, type=float, help="unset: 30 (step), 2.4 (exponential)")
+    group.add_argument("--lr-decay-rate", default=None, type=float, help="unset: 0.1 (step), 0.97 (exponential)")
+    group.add_argument("--model-ema", action="store_true",
+                       help="also keep, validate and checkpoint an EMA of the weights and BatchNorm statistics")
+    group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
+    group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
 
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
     group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3; unset: 0, or every device "
-                                                          "with --multiprocessing-distributed")
+                                                          "with --multiprocessing-distributed, torchrun or srun")
     group.add_argument("--multiprocessing-distributed", action="store_true",
                        help="one process per --device-list entry on this node")
     group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
@@ -95,6 +114,8 @@ def build_parser():
     group.add_argument("--output-dir", default="output", help="logs and checkpoints")
     group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
     group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write the per-epoch metrics as TensorBoard scalars in <output-dir>/tensorboard")
     return parser
 
 
@@ -110,12 +131,16 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
-    for name in ("epochs", "batch_size", "print_freq"):
+    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
         raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
                         "native torch.amp is O1-style autocast")
+    if args.model_ema and args.amp and args.amp_backend == "apex" and args.opt_level == "O2":
+        raise UserError("--model-ema averages fp32 weights; apex O2 keeps fp16 ones: use --opt-level O1")
+    if not 0 <= args.random_erase <= 1 or args.mixup < 0 or args.cutmix < 0:
+        raise UserError("--random-erase must be a probability in [0, 1]; --mixup and --cutmix alphas at least 0")
     if args.loss_scale != "dynamic":
         try:
             if float(args.loss_scale) <= 0:
@@ -129,6 +154,8 @@ def check_args(args):
         if path and not os.path.isfile(path):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
 
+    if args.tensorboard:
+        metrics.tensorboard_writer_class()
     args.device_kind = device.resolve_device_kind(args.device)
     if args.sync_bn and args.device_kind == "cpu":
         raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -137,7 +164,7 @@ def check_args(args):
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
         device.import_apex_amp()
     default_ids = "0"
-    if args.multiprocessing_distributed and args.device_kind != "cpu":
+    if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
         default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
     args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
 
@@ -160,7 +187,8 @@ def build_datasets(args):
         return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
                 data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
     return data.image_folders(args.data_dir,
-                              data.train_transform(args.train_crop_size, scale=(args.min_crop_scale, 1.0)),
+                              data.train_transform(args.train_crop_size, (args.min_crop_scale, 1.0),
+                                                   args.auto_augment, args.random_erase),
                               data.val_transform(args.val_resize_size, args.val_crop_size))
 
 
@@ -221,6 +249,8 @@ def train(local_rank, args):
     log.info(f"=> {args.arch}, {num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
              f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
 
+    # Class folder names travel in the checkpoint, so classify.py can name its predictions.
+    class_names = list(train_set.classes) if args.data_dir is not None else None
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
     if args.pretrained:
@@ -235,6 +265,7 @@ def train(local_rank, args):
     optimizer = device.build_optimizer(runtime.kind, params, args)
     model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
     model_without_ddp = model
+    ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
     if runtime.distributed:
         device_ids = None if runtime.kind == "cpu" else [runtime.device]
         # Buffers are broadcast explicitly before validation instead of at every step.
@@ -242,7 +273,9 @@ def train(local_rank, args):
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args)
     steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
-    scheduler = recipe.warmup_cosine_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs)
+    scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
+                                   args.lr_decay_epochs, args.lr_decay_rate)
+    mix = data.batch_mix(num_classes, args.mixup, args.cutmix)
 
     start_epoch, best_acc1 = 0, 0.0
     if args.resume:
@@ -252,6 +285,8 @@ def train(local_rank, args):
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             precision.load_state_dict(state.get("precision", {}))
+            if ema is not None and "model_ema" in state:
+                ema.load_state_dict(state["model_ema"])
             start_epoch, best_acc1 = state["epoch"], state["best_acc1"]
         log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, best Acc@1 {state.get('best_acc1')})")
     if args.start_epoch is not None:
@@ -269,33 +304,62 @@ def train(local_rank, args):
         return
 
     throughput = engine.ThroughputMeter(args.fps_warmup_steps)
+    metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         if args.seed is not None:
             seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
+        epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
-                                             runtime, epoch, args, log, throughput)
+                                             runtime, epoch, args, log, throughput, ema, mix)
+        train_seconds = time.perf_counter() - epoch_start
         summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,
                        train_loss=train_stats["loss"], train_acc1=train_stats["acc1"])
-        acc1 = None
+        acc1, val_stats, ema_stats = None, {}, {}
         if not args.no_val:
             runtime.broadcast_buffers(model_without_ddp)
             val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
             acc1 = val_stats["acc1"]
             summary.update(val_loss=val_stats["loss"], val_acc1=acc1, val_acc5=val_stats["acc5"],
                            val_images=val_stats["count"])
+            if ema is not None:
+                runtime.broadcast_buffers(ema)
+                ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, name="EMA")
+                summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
+                               ema_val_acc5=ema_stats["acc5"])
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1})
-        is_best = acc1 is not None and acc1 > best_acc1
-        best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
+        if metrics_log is not None:
+            # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
+            metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
+                              val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
+                              lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
+                              epoch_seconds=time.perf_counter() - epoch_start, ema_val_loss=ema_stats.get("loss"),
+                              ema_val_acc1=ema_stats.get("acc1"), ema_val_acc5=ema_stats.get("acc5"))
+        # The best checkpoint holds whichever of the weights and their EMA scored higher.
+        ema_better = bool(ema_stats) and ema_stats["acc1"] > acc1
+        score = ema_stats["acc1"] if ema_better else acc1
+        is_best = score is not None and score > best_acc1
+        best_acc1 = max(best_acc1, score) if score is not None else best_acc1
         if runtime.is_main and not args.no_checkpoint:
             state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
                      "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
-                     "num_classes": num_classes, "args": checkpoint.plain_args(args)}
-            path = checkpoint.save_checkpoint(state, is_best, args.output_dir)
+                     "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
+            best = None
+            if ema is not None:
+                state["model_ema"] = ema.state_dict()
+                if ema_better:
+                    best = {**state, "state_dict": ema.module.state_dict(), "weights": "ema"}
+            path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
             log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
         runtime.barrier()
+    if metrics_log is not None:
+        metrics_log.close()
+        metrics.plot_curves(metrics_log.path, metrics.default_png(metrics_log.path))
+    # Every rank logs it (ranks > 0 in rank<k>.log): equal digests prove all nodes ended with the same weights.
+    summary["weights_sha256"] = state_digest(model_without_ddp.state_dict())
+    log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
 

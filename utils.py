@@ -1,4 +1,5 @@
 """Small shared helpers: user-facing errors, logging, metrics and seeding."""
+import hashlib
 import logging
 import os
 import random
@@ -6,10 +7,26 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """A problem with the user's input; main.py prints it as one line and exits with status 2."""
+
+
+def interactive():
+    """Whether this process's console is a terminal: there a progress bar runs and log lines print above it."""
+    return sys.stdout.isatty()
+
+
+class _ConsoleAboveBar(logging.StreamHandler):
+    """Console lines written through tqdm, so they land above a running progress bar instead of across it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(output_dir, log_file, rank):
@@ -23,7 +40,7 @@ def setup_logging(output_dir, log_file, rank):
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if rank == 0:
-        handlers = [logging.StreamHandler(sys.stdout),
+        handlers = [_ConsoleAboveBar(sys.stdout) if interactive() else logging.StreamHandler(sys.stdout),
                     logging.FileHandler(os.path.join(output_dir, log_file))]
     else:
         console = open(os.path.join(output_dir, f"rank{rank}.log"), "a", buffering=1)
@@ -45,6 +62,15 @@ def epoch_seed(seed, epoch, rank):
     """A distinct seed for each (run seed, epoch, rank): augmentations differ across epochs and ranks, and a run
     resumed at an epoch boundary draws the same random numbers as an uninterrupted one."""
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 32
+
+
+def state_digest(state):
+    """SHA-256 of a state dict, bit for bit: equal only where the weights are identical."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_correct(output, target, topk=(1, 5)):

@@ -87,8 +87,8 @@ def test_resume_continues_to_the_same_weights(image_folder, tmp_path, monkeypatc
 
     save = checkpoint.save_checkpoint
 
-    def save_then_die(state, is_best, output_dir):
-        path = save(state, is_best, output_dir)
+    def save_then_die(state, is_best, output_dir, **options):
+        path = save(state, is_best, output_dir, **options)
         if state["epoch"] == 2:
             raise Killed
         return path
