@@ -147,6 +147,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def all_gather_object(self, obj):
+        """[rank 0's obj, rank 1's obj, ...] (a collective)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def broadcast_buffers(self, model):
         """Give every rank rank 0's BatchNorm statistics, so all ranks evaluate the weights that rank 0 saves."""
         if self.distributed:
@@ -198,14 +206,21 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def _gradients_finite(optimizer):
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
 class Precision:
     """fp32, or mixed precision with native torch.amp (autocast + GradScaler) or apex.amp.
 
     The loops call ``autocast()``, ``step(loss, optimizer)`` and, for checkpoints, ``state_dict()``; which
-    engine is behind them is chosen once in ``build_precision``.
+    engine is behind them is chosen once in ``build_precision``. ``step`` returns whether the weights were
+    updated: a step whose gradients are not finite is skipped, so the weights stay those of the last good step.
     """
 
     name = "fp32"
+    has_scaler = False
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -216,10 +231,14 @@ class Precision:
     def step(self, loss, optimizer):
         optimizer.zero_grad(set_to_none=True)
         self.backward(loss, optimizer)
-        self.optimizer_step(optimizer)
+        return self.optimizer_step(optimizer)
 
     def optimizer_step(self, optimizer):
+        # One host sync per step; DDP has averaged the gradients, so every rank decides alike.
+        if not _gradients_finite(optimizer):
+            return False
         optimizer.step()
+        return True
 
     def state_dict(self):
         return {}
@@ -241,6 +260,7 @@ class NativeAmp(Precision):
             options.update(init_scale=float(loss_scale), growth_interval=2 ** 31 - 1)
         # Ascend documents its own GradScaler (torch.npu.amp); CUDA and CPU use torch.amp's.
         self.scaler = torch.npu.amp.GradScaler(**options) if kind == "npu" else torch.amp.GradScaler(kind, **options)
+        self.has_scaler = self.scaler.is_enabled()
 
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
@@ -249,8 +269,13 @@ class NativeAmp(Precision):
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self, optimizer):
+        if not self.has_scaler:
+            return super().optimizer_step(optimizer)
         self.scaler.step(optimizer)
+        scale = self.scaler.get_scale()
         self.scaler.update()
+        # The scaler skips a step with inf/NaN gradients and lowers its scale; it never lowers it otherwise.
+        return self.scaler.get_scale() >= scale
 
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
@@ -263,9 +288,16 @@ class NativeAmp(Precision):
 class ApexAmp(Precision):
     """NVIDIA apex.amp, or Ascend's apex fork on NPU (where combine_grad fuses the gradient buffers)."""
 
+    has_scaler = True
+
     def __init__(self, amp_module, opt_level):
         self.amp = amp_module
         self.name = f"apex {opt_level}"
+
+    def optimizer_step(self, optimizer):
+        # apex's scaler skips overflowing steps inside optimizer.step() and does not tell: counted as applied.
+        optimizer.step()
+        return True
 
     def backward(self, loss, optimizer):
         with self.amp.scale_loss(loss, optimizer) as scaled_loss:
