@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from utils import UserError
+from utils import STOP_SIGNALS, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -360,7 +360,7 @@ class CheckedLoader:
 def _ignore_stop_signals(worker_id):
     # Ctrl-C reaches the whole process group, and a scheduler's SIGTERM often does: the main process saves and
     # stops, then shuts its workers down; a worker killed first would turn that into a crash.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -7,6 +7,8 @@ import contextlib
 import datetime
 import importlib
 import os
+import re
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils import UserError
+from utils import STOP_SIGNALS, UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -98,11 +100,24 @@ def launch(worker, args):
             # One node, no rendezvous given: a free local port, so two jobs on one host never collide.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        context = mp.start_processes(worker, args=(args,), nprocs=nprocs, join=False, start_method="spawn")
+
+        def forward(signum, frame):
+            # A signal to this process alone (a scheduler's SIGTERM) reaches the workers, which save and stop.
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+
+        previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
         try:
-            mp.spawn(worker, args=(args,), nprocs=nprocs, join=True)
+            while not context.join():
+                pass
         except mp.ProcessExitedException as exc:
             # The failing worker already said why; exit with its status rather than a traceback.
-            raise SystemExit(exc.exit_code or 1) from None
+            raise SystemExit(exc.exit_code if exc.exit_code > 0 else 1) from None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     else:
         worker(0, args)
 
@@ -189,8 +204,12 @@ def setup_runtime(args, local_rank):
     if world_size > 1:
         backend = args.dist_backend or BACKENDS[kind]
         init_method = args.dist_url if not launched_by_torchrun() else "env://"
-        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        try:
+            dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
+        except dist.DistError as exc:
+            raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
+                            f"(MASTER_ADDR/MASTER_PORT for env://): {str(exc).strip().splitlines()[0]}") from None
     return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind))
 
 
@@ -199,6 +218,20 @@ def _memory_format(choice, kind):
     if choice == "auto":
         choice = "contiguous" if kind == "npu" else "channels_last"
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
+
+
+def collective_failure(exc, timeout):
+    """A one-line explanation when ``exc`` is a failed collective of a multi-process run, else None.
+
+    A rank that died breaks its peers' connections at once; one that hangs makes their collectives time out.
+    """
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return None
+    # Backend messages start with the source location, e.g. "[.../gloo/transport/tcp/pair.cc:545] ".
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({cause}); another "
+            f"process probably died or hung (collectives time out after --dist-timeout {timeout} s): see its log")
 
 
 def cleanup():

@@ -6,9 +6,7 @@ import time
 import torch
 
 from data import SKIPPED_LABEL
-from utils import Average, MetricSums
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from utils import STOP_SIGNALS, Average, MetricSums
 
 
 class StopRequest:

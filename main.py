@@ -205,6 +205,12 @@ def main_worker(local_rank, args):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as exc:
+        message = device.collective_failure(exc, args.dist_timeout)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     finally:
         device.cleanup()
 

@@ -2,10 +2,15 @@
 import logging
 import os
 import random
+import signal
 import sys
 
 import numpy as np
 import torch
+
+
+# Ctrl-C and a scheduler's pre-emption: the run saves where it stands and stops.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class UserError(Exception):
