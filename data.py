@@ -9,7 +9,7 @@ import signal
 import tempfile
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -109,6 +109,8 @@ class _ClassFolder(datasets.ImageFolder):
         """Why sample ``index`` cannot be read, or None."""
         try:
             self.loader(self.samples[index][0])
+        except UnidentifiedImageError:
+            return "not an image format PIL can identify (an empty file, or another kind of file)"
         except DECODE_ERRORS as exc:
             return str(exc) or type(exc).__name__
         return None
@@ -224,7 +226,7 @@ def _write_demo(dest):
     except ImportError:
         raise UserError("the demo data set needs scikit-learn: pip install scikit-learn") from None
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     digits = load_digits()
     rng = np.random.RandomState(DEMO_SPLIT_SEED)

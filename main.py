@@ -354,7 +354,8 @@ def train(local_rank, args, stop):
         best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
         path = save(epoch + 1, 0, is_best)
         if stop.requested(runtime):
-            log.info(f"=> stopped by {stop.name} after epoch {epoch}" + (f"; resume with --resume {path}" if path else ""))
+            resume = f"; resume with --resume {path}" if path else ""
+            log.info(f"=> stopped by {stop.name} after epoch {epoch}{resume}")
             raise SystemExit(128 + stop.signum)
         runtime.barrier()
     summary["best_acc1"] = best_acc1
