@@ -283,6 +283,7 @@ def train(local_rank, args, stop):
     if args.evaluate:
         result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
         if result is None:
+            log.info(f"=> stopped by {stop.name} during validation")
             raise SystemExit(128 + stop.signum)
         summary.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"],
                        val_images=result["count"], val_skipped_images=result["skipped_images"],
@@ -303,9 +304,9 @@ def train(local_rank, args, stop):
         log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
         return path
 
-    def stop_run(reason, epoch, step):
+    def stop_run(reason, epoch, step, is_best=False):
         """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
-        path = save(epoch, step, False)
+        path = save(epoch, step, is_best)
         summary.update(stopped=reason, best_acc1=best_acc1)
         write_summary(summary, throughput, run_start, runtime, args, log)
         where = f"epoch {epoch}, step {step}/{steps_per_epoch}"
@@ -352,11 +353,9 @@ def train(local_rank, args, stop):
                                    "skipped_steps": train_stats["skipped_steps"]})
         is_best = acc1 is not None and acc1 > best_acc1
         best_acc1 = max(best_acc1, acc1) if acc1 is not None else best_acc1
-        path = save(epoch + 1, 0, is_best)
         if stop.requested(runtime):
-            resume = f"; resume with --resume {path}" if path else ""
-            log.info(f"=> stopped by {stop.name} after epoch {epoch}{resume}")
-            raise SystemExit(128 + stop.signum)
+            stop_run(stop.name, epoch + 1, 0, is_best)
+        save(epoch + 1, 0, is_best)
         runtime.barrier()
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)

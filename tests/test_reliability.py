@@ -17,6 +17,7 @@ from PIL import Image
 import checkpoint
 import data
 import device
+import engine
 import main
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main, weights
@@ -153,10 +154,10 @@ def _signal_self_at(monkeypatch, obj, name, when):
 
 @pytest.mark.parametrize("where", ["mid-epoch", "end of training", "epoch boundary"])
 def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight, tmp_path, monkeypatch, where):
-    """SIGTERM at step 6 of 8, after the last step of epoch 0 (before validation), or after epoch 0's checkpoint;
+    """SIGTERM at step 6 of 8, after the last step of epoch 0 (before validation), or after epoch 0's validation;
     resumed with a loader worker (the uninterrupted run had none): the same weights, to the bit."""
     if where == "epoch boundary":
-        _signal_self_at(monkeypatch, checkpoint, "save_checkpoint", lambda n, args: n == 1)
+        _signal_self_at(monkeypatch, engine, "evaluate", lambda n, args: n == 1)
         expected = (1, 0)
     else:
         stop_at = 6 if where == "mid-epoch" else 4
