@@ -226,7 +226,7 @@ def _write_demo(dest):
     except ImportError:
         raise UserError("the demo data set needs scikit-learn: pip install scikit-learn") from None
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     digits = load_digits()
     rng = np.random.RandomState(DEMO_SPLIT_SEED)

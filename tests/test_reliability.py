@@ -171,6 +171,7 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
     state = torch.load(path, weights_only=True)
     assert (state["epoch"], state["step"]) == expected
     assert f"resume with --resume {path}" in (tmp_path / "train.log").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "SIGTERM"
     resumed = run_main(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS, "-j", "1", "--resume", str(path)))
     assert resumed["history"][-1]["epoch"] == 1
     final = weights(path)
