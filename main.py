@@ -273,7 +273,7 @@ def train(local_rank, args, stop):
         log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
                  f"best Acc@1 {state.get('best_acc1')})")
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        start_epoch, start_step = args.start_epoch, 0
 
     summary = {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
                "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None,
