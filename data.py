@@ -137,8 +137,9 @@ class _ClassFolder(datasets.ImageFolder):
         if self.seed is None:
             return self.transform(image)
         # A private RNG stream: the main process's (dropout) stream stays the same with -j 0 as with workers.
+        # The CPU generator alone (the transforms draw from it): torch.manual_seed would seed every device too.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image)
 
 
