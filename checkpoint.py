@@ -2,11 +2,14 @@
 import collections
 import os
 import pickle
+import random
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 
+import device
 from utils import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -61,6 +64,45 @@ def save_checkpoint(state, is_best, output_dir, best=None):
     except OSError as exc:
         raise UserError(f"cannot write checkpoint in {output_dir}: {exc.strerror or exc}") from None
     return path
+
+
+def rng_state(device_kind):
+    """This process's random number generators, in types that weights_only loading accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    module = device.device_module(device_kind)
+    if module is not None:
+        state["device"] = module.get_rng_state()
+    return state
+
+
+def restore_rng_state(state, device_kind):
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"], key=numpy_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    module = device.device_module(device_kind)
+    if module is not None and "device" in state:
+        module.set_rng_state(state["device"])
+
+
+def estimated_size(model):
+    """Bytes of a checkpoint of ``model`` with SGD momentum: its state dict and a buffer per parameter."""
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_free_space(output_dir, model):
+    """Fail at start, not after the first epoch, when the checkpoints cannot fit: a new checkpoint and a new
+    best model are each written beside the previous ones before replacing them."""
+    needed = 2 * estimated_size(model)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f"--output-dir {output_dir} has {free / 2 ** 20:.1f} MiB free, checkpoints need about "
+                        f"{needed / 2 ** 20:.1f} MiB; free some space, choose another --output-dir, or pass "
+                        "--no-checkpoint")
 
 
 def load_file(path):

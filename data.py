@@ -1,17 +1,21 @@
 """Data sets, transforms and loaders: ImageNet folders, synthetic data and the digits demo set."""
 
+import collections
+import itertools
 import math
 import os
 import shutil
+import signal
 import tempfile
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from utils import UserError
+from utils import STOP_SIGNALS, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,16 +95,80 @@ def val_transform(resize_size, crop_size):
     ])
 
 
-class _ClassFolder(datasets.ImageFolder):
-    """ImageFolder whose class list is given, so val/ shares train/'s label indices."""
+# What PIL raises on a truncated, empty or foreign file (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+SKIPPED_LABEL = -1
 
-    def __init__(self, root, classes, transform):
+
+def _split_item(item):
+    """A data set index: an int, or (epoch, index) from TrainSampler."""
+    return item if isinstance(item, tuple) else (0, item)
+
+
+def sample_seed(seed, epoch, index):
+    """The augmentation seed of one sample in one epoch: a function of the data alone, not of which worker
+    loads it or how many workers there are, so an interrupted and resumed run draws the same crops."""
+    return ((seed * 4099 + epoch) * 2 ** 32 + index) % 2 ** 63
+
+
+class _ClassFolder(datasets.ImageFolder):
+    """ImageFolder whose class list is given, so val/ shares train/'s label indices, and which survives
+    unreadable files.
+
+    A file that cannot be decoded is flagged in shared memory, where the main process (CheckedLoader) finds it
+    whichever worker read it. In training it is replaced by the next readable image; in validation
+    (``replace_unreadable=False``) it comes back as a blank image labelled SKIPPED_LABEL, and is not scored.
+    With ``seed`` set, each sample's augmentation is seeded by (seed, epoch, index).
+    """
+
+    def __init__(self, root, classes, transform, replace_unreadable=True, seed=None):
         self._given_classes = list(classes)
-        # allow_empty: val/ may hold only some of train/'s classes; an empty set is checked by the caller.
+        # allow_empty: val/ may hold only some of train/'s classes; empty folders are checked by the caller.
         super().__init__(root, transform=transform, allow_empty=True)
+        self.replace_unreadable = replace_unreadable
+        self.seed = seed
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self.skip_events = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def find_classes(self, directory):
         return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+
+    def read_error(self, index):
+        """Why sample ``index`` cannot be read, or None."""
+        try:
+            self.loader(self.samples[index][0])
+        except UnidentifiedImageError:
+            return "not an image format PIL can identify (an empty file, or another kind of file)"
+        except DECODE_ERRORS as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    def __getitem__(self, item):
+        epoch, index = _split_item(item)
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            path, target = self.samples[candidate]
+            try:
+                image = self.loader(path)
+            except DECODE_ERRORS:
+                self.unreadable[candidate] = True
+                self.skip_events += 1
+                if self.replace_unreadable:
+                    continue
+                image, target = Image.new("RGB", (1, 1)), SKIPPED_LABEL
+            return self._transform(image, epoch, index), target
+        raise UserError(f"no image in {self.root} can be read")
+
+    def _transform(self, image, epoch, index):
+        if self.transform is None:
+            return image
+        if self.seed is None:
+            return self.transform(image)
+        # A private RNG stream: the main process's (dropout) stream stays the same with -j 0 as with workers.
+        # The CPU generator alone (the transforms draw from it): torch.manual_seed would seed every device too.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image)
 
 
 def _class_dirs(folder):
@@ -119,8 +187,19 @@ def _split_folder(data_dir, split):
     return folder, classes
 
 
-def image_folders(data_dir, train_tf, val_tf):
-    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes."""
+def _check_no_empty_class(ds, folder, class_dirs):
+    counts = collections.Counter(label for _, label in ds.samples)
+    empty = [name for name in class_dirs if counts[ds.class_to_idx[name]] == 0]
+    if empty:
+        shown = ", ".join(os.path.join(folder, name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise UserError(f"{len(empty)} class folder(s) hold no images (looked for {', '.join(IMG_EXTENSIONS)}): "
+                        f"{shown}")
+
+
+def image_folders(data_dir, train_tf, val_tf, seed=None):
+    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
+
+    ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
@@ -132,11 +211,13 @@ def image_folders(data_dir, train_tf, val_tf):
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {train_dir} lacks: {shown}")
     sets = []
-    for folder, tf in ((train_dir, train_tf), (val_dir, val_tf)):
-        ds = _ClassFolder(folder, classes, tf)
+    for folder, class_dirs, tf, is_train in ((train_dir, classes, train_tf, True),
+                                            (val_dir, val_classes, val_tf, False)):
+        ds = _ClassFolder(folder, classes, tf, replace_unreadable=is_train, seed=seed if is_train else None)
         if not ds.samples:
             raise UserError(f"no images found in the class folders of {folder} "
                             f"(looked for {', '.join(IMG_EXTENSIONS)})")
+        _check_no_empty_class(ds, folder, class_dirs)
         sets.append(ds)
     return tuple(sets)
 
@@ -154,7 +235,8 @@ class SyntheticImages(Dataset):
     def __len__(self):
         return self.length
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        _, index = _split_item(item)
         if not 0 <= index < self.length:
             raise IndexError(index)
         g = torch.Generator().manual_seed(self.seed + index)
@@ -239,6 +321,80 @@ class EvalShardSampler(Sampler):
         return max(0, math.ceil((self.total - self.rank) / self.num_replicas))
 
 
+class TrainSampler(Sampler):
+    """DistributedSampler's order, a function of (seed, epoch) on one process as on many, yielding
+    (epoch, index) so the data set can seed each sample's augmentation, and able to start mid-epoch
+    (``set_epoch(epoch, start)`` skips the first ``start`` samples of this rank's share)."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        self.order = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        self.order.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in itertools.islice(self.order, self.start, None))
+
+    def __len__(self):
+        return max(0, len(self.order) - self.start)
+
+
+class CheckedLoader:
+    """A DataLoader whose data set's unreadable files are reported from the main process: each path is logged
+    once (or, with ``strict``, is an error), and ``skipped`` counts the files skipped in the latest pass."""
+
+    def __init__(self, loader, strict, log):
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.strict = strict
+        self.log = log
+        self.skipped = 0
+        self._events = 0
+        self._reported = set()
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.skipped = 0
+        if not hasattr(self.dataset, "unreadable"):
+            yield from self.loader
+            return
+        self.dataset.unreadable.zero_()
+        for batch in self.loader:
+            self._check()
+            yield batch
+        self._check()
+
+    def _check(self):
+        events = int(self.dataset.skip_events)
+        if events == self._events:
+            return
+        self._events = events
+        bad = self.dataset.unreadable.nonzero().flatten().tolist()
+        self.skipped = len(bad)
+        for index in bad:
+            path = self.dataset.samples[index][0]
+            if path in self._reported:
+                continue
+            self._reported.add(path)
+            reason = self.dataset.read_error(index)
+            if self.strict:
+                raise UserError(f"cannot read image {path}: {reason} (--strict-data)")
+            self.log.warning(f"=> skipped unreadable image {path}: {reason}")
+
+
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C reaches the whole process group, and a scheduler's SIGTERM often does: the main process saves and
+    # stops, then shuts its workers down; a worker killed first would turn that into a crash.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop_last=False,
                  pin_memory=False, seed=None):
     # With a seeded generator the shuffle order is reproducible, and so are the worker seeds: the
@@ -254,4 +410,5 @@ def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,
+        worker_init_fn=_ignore_stop_signals,
     )

@@ -7,6 +7,8 @@ import contextlib
 import datetime
 import importlib
 import os
+import re
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import recipe
-from utils import UserError
+from utils import STOP_SIGNALS, UserError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -118,11 +120,24 @@ def launch(worker, args):
             # One node, no rendezvous given: a free local port, so two jobs on one host never collide.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        context = mp.start_processes(worker, args=(args,), nprocs=nprocs, join=False, start_method="spawn")
+
+        def forward(signum, frame):
+            # A signal to this process alone (a scheduler's SIGTERM) reaches the workers, which save and stop.
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+
+        previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
         try:
-            mp.spawn(worker, args=(args,), nprocs=nprocs, join=True)
+            while not context.join():
+                pass
         except mp.ProcessExitedException as exc:
             # The failing worker already said why; exit with its status rather than a traceback.
-            raise SystemExit(exc.exit_code or 1) from None
+            raise SystemExit(exc.exit_code if exc.exit_code > 0 else 1) from None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     else:
         worker(0, args)
 
@@ -167,6 +182,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def all_gather_object(self, obj):
+        """[rank 0's obj, rank 1's obj, ...] (a collective)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def broadcast_buffers(self, model):
         """Give every rank rank 0's BatchNorm statistics, so all ranks evaluate the weights that rank 0 saves."""
         if self.distributed:
@@ -206,8 +229,12 @@ def setup_runtime(args, local_rank):
         if init_method == "env://" and missing:
             raise UserError(f"{' and '.join(missing)} not set: export MASTER_ADDR (e.g. the first host of "
                             "$SLURM_JOB_NODELIST) and MASTER_PORT on every node, or give --dist-url tcp://HOST:PORT")
-        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        try:
+            dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
+        except dist.DistError as exc:
+            raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
+                            f"(MASTER_ADDR/MASTER_PORT for env://): {str(exc).strip().splitlines()[0]}") from None
     return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind))
 
 
@@ -218,19 +245,40 @@ def _memory_format(choice, kind):
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
+def collective_failure(exc, timeout):
+    """A one-line explanation when ``exc`` is a failed collective of a multi-process run, else None.
+
+    A rank that died breaks its peers' connections at once; one that hangs makes their collectives time out.
+    """
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return None
+    # Backend messages start with the source location, e.g. "[.../gloo/transport/tcp/pair.cc:545] ".
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({cause}); another "
+            f"process probably died or hung (collectives time out after --dist-timeout {timeout} s): see its log")
+
+
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _gradients_finite(optimizer):
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 class Precision:
     """fp32, or mixed precision with native torch.amp (autocast + GradScaler) or apex.amp.
 
     The loops call ``autocast()``, ``step(loss, optimizer)`` and, for checkpoints, ``state_dict()``; which
-    engine is behind them is chosen once in ``build_precision``.
+    engine is behind them is chosen once in ``build_precision``. ``step`` returns whether the weights were
+    updated: a step whose gradients are not finite is skipped, so the weights stay those of the last good step.
     """
 
     name = "fp32"
+    has_scaler = False
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -241,10 +289,14 @@ class Precision:
     def step(self, loss, optimizer):
         optimizer.zero_grad(set_to_none=True)
         self.backward(loss, optimizer)
-        self.optimizer_step(optimizer)
+        return self.optimizer_step(optimizer)
 
     def optimizer_step(self, optimizer):
+        # One host sync per step; DDP has averaged the gradients, so every rank decides alike.
+        if not _gradients_finite(optimizer):
+            return False
         optimizer.step()
+        return True
 
     def state_dict(self):
         return {}
@@ -266,6 +318,7 @@ class NativeAmp(Precision):
             options.update(init_scale=float(loss_scale), growth_interval=2 ** 31 - 1)
         # Ascend documents its own GradScaler (torch.npu.amp); CUDA and CPU use torch.amp's.
         self.scaler = torch.npu.amp.GradScaler(**options) if kind == "npu" else torch.amp.GradScaler(kind, **options)
+        self.has_scaler = self.scaler.is_enabled()
 
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
@@ -274,8 +327,13 @@ class NativeAmp(Precision):
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self, optimizer):
+        if not self.has_scaler:
+            return super().optimizer_step(optimizer)
         self.scaler.step(optimizer)
+        scale = self.scaler.get_scale()
         self.scaler.update()
+        # The scaler skips a step with inf/NaN gradients and lowers its scale; it never lowers it otherwise.
+        return self.scaler.get_scale() >= scale
 
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
@@ -288,9 +346,16 @@ class NativeAmp(Precision):
 class ApexAmp(Precision):
     """NVIDIA apex.amp, or Ascend's apex fork on NPU (where combine_grad fuses the gradient buffers)."""
 
+    has_scaler = True
+
     def __init__(self, amp_module, opt_level):
         self.amp = amp_module
         self.name = f"apex {opt_level}"
+
+    def optimizer_step(self, optimizer):
+        # apex's scaler skips overflowing steps inside optimizer.step() and does not tell: counted as applied.
+        optimizer.step()
+        return True
 
     def backward(self, loss, optimizer):
         with self.amp.scale_loss(loss, optimizer) as scaled_loss:

@@ -1,12 +1,54 @@
 """One training epoch and one validation pass. Device-agnostic: everything device-specific is in ``runtime``
 and ``precision`` (device.py)."""
+import signal
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from utils import Average, MetricSums, interactive
+from data import SKIPPED_LABEL
+from utils import STOP_SIGNALS, Average, MetricSums, interactive
+
+
+class StopRequest:
+    """SIGINT and SIGTERM (Ctrl-C, a pre-empted job) ask the run to stop after the current step.
+
+    The handler only records the signal; the training loop asks ``requested()`` after each step. With several
+    processes the ranks agree (an all-reduce) at each printed line, so they all stop after the same step.
+    Used as a context manager, it restores the previous handlers on exit.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def requested(self, runtime, sync_point=True):
+        if not runtime.distributed:
+            return self.signum is not None
+        if not sync_point:
+            return False
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=runtime.device)
+        if runtime.all_reduce_sum(flag).item() > 0:
+            # Another rank was signalled: this one stops with it.
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
 
 class ThroughputMeter:
@@ -38,19 +80,28 @@ def _to_device(images, target, runtime):
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
-                    throughput, ema=None, mix=None):
-    """Train for one epoch (or ``args.max_steps`` steps); returns the epoch's global mean loss, Acc@1, Acc@5.
+                    throughput, stop, start_step=0, ema=None, mix=None):
+    """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
 
+    Returns the global mean loss, Acc@1, Acc@5 of the steps run, ``steps_done`` (of this epoch, counting
+    ``start_step``), ``skipped_steps`` (not applied: non-finite gradients) and ``stopped``: None, or why the
+    epoch ended early ('SIGTERM', 'SIGINT', 'non-finite').
+    A step whose gradients are not finite is skipped. Without a loss scaler the first one stops the epoch;
+    with one (which skips overflowing steps while it lowers the scale), ``args.max_nonfinite_steps`` in a row.
     ``mix`` (MixUp/CutMix) turns a batch's labels into soft targets for the loss; accuracy is still scored
     against each image's own label. ``ema`` is updated every ``args.model_ema_steps`` steps.
     """
     model.train()
-    steps = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
+    steps = start_step + len(loader)
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    nonfinite_limit = args.max_nonfinite_steps if precision.has_scaler else 1
+    skipped_steps, nonfinite_run, stopped, steps_done = 0, 0, None, start_step
     interval, epoch_sums = MetricSums(runtime.device), MetricSums(runtime.device)
     step_time, data_time, loss_avg, top1_avg, top5_avg = (Average() for _ in range(5))
     global_batch = 0
     window_start = None
-    window_first_step = throughput.warmup_steps
+    window_first_step = start_step + throughput.warmup_steps
 
     # On a terminal only: log files (and pipes) get exactly the reference's lines.
     bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
@@ -58,7 +109,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     runtime.synchronize()
     interval_start = last_step_end = time.perf_counter()
     interval_steps, interval_data = 0, 0.0
-    for step, (images, target) in enumerate(loader):
+    for step, (images, target) in enumerate(loader, start_step):
         if step >= steps:
             break
         interval_data += time.perf_counter() - last_step_end
@@ -67,9 +118,12 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         with precision.autocast():
             output = model(images)
             loss = criterion(output, target)
-        precision.step(loss, optimizer)
+        applied = precision.step(loss, optimizer)
         scheduler.step()
-        if ema is not None and (step + 1) % args.model_ema_steps == 0:
+        steps_done = step + 1
+        skipped_steps += not applied
+        nonfinite_run = 0 if applied else nonfinite_run + 1
+        if ema is not None and steps_done % args.model_ema_steps == 0:
             ema.update_parameters(model)
         bar.update(args.batch_size)
         interval.update(loss, output, labels)
@@ -80,7 +134,12 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         if step + 1 == window_first_step:
             runtime.synchronize()
             window_start = time.perf_counter()
-        if (step + 1) % args.print_freq == 0 or step + 1 == steps:
+        print_line = (step + 1) % args.print_freq == 0 or step + 1 == steps
+        if nonfinite_run >= nonfinite_limit:
+            stopped = "non-finite"
+        elif stop.requested(runtime, sync_point=print_line):
+            stopped = stop.name
+        if print_line or stopped:
             runtime.synchronize()
             now = time.perf_counter()
             seconds_per_step = (now - interval_start) / interval_steps
@@ -99,38 +158,56 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
                      f"Loss {loss_value:.4e} ({loss_avg.mean:.4e})\t"
                      f"Acc@1 {top1:6.2f} ({top1_avg.mean:6.2f})\t"
                      f"Acc@5 {top5:6.2f} ({top5_avg.mean:6.2f})\t"
-                     f"FPS {step_fps:.2f} ({mean_fps:.2f})")
+                     f"FPS {step_fps:.2f} ({mean_fps:.2f})"
+                     + (f"\tSkipped {skipped_steps}" if skipped_steps else ""))
             interval_start = time.perf_counter()
             interval_steps, interval_data = 0, 0.0
+        if stopped:
+            break
         last_step_end = time.perf_counter()
     bar.close()
 
     runtime.synchronize()
-    if window_start is not None and steps > window_first_step:
-        throughput.steps += steps - window_first_step
-        throughput.images += (steps - window_first_step) * global_batch
+    measured = steps_done - window_first_step
+    if window_start is not None and measured > 0:
+        throughput.steps += measured
+        throughput.images += measured * global_batch
         throughput.seconds += time.perf_counter() - window_start
-    return _global_means(epoch_sums, runtime)
+    result = _global_means(epoch_sums, runtime, loader.skipped)
+    result.update(steps_done=steps_done, skipped_steps=skipped_steps, stopped=stopped)
+    return result
 
 
-def _global_means(sums, runtime):
-    totals = torch.cat([sums.sums, torch.tensor([float(sums.count)], dtype=torch.float64, device=runtime.device)])
-    loss_sum, top1, top5, count = runtime.all_reduce_sum(totals).tolist()
-    if count == 0:
-        return {"loss": float("nan"), "acc1": float("nan"), "acc5": float("nan"), "count": 0}
-    return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
-            "count": int(count)}
+def _global_means(sums, runtime, skipped_images):
+    """Global means, image count and unreadable images skipped, all ranks together."""
+    local = torch.tensor([float(sums.count), float(skipped_images)], dtype=torch.float64, device=runtime.device)
+    loss_sum, top1, top5, count, skipped = runtime.all_reduce_sum(torch.cat([sums.sums, local])).tolist()
+    result = {"loss": float("nan"), "acc1": float("nan"), "acc5": float("nan"), "count": int(count),
+              "skipped_images": int(skipped)}
+    if count:
+        result.update(loss=loss_sum / count, acc1=100.0 * top1 / count, acc5=100.0 * top5 / count)
+    return result
 
 
 @torch.no_grad()
-def evaluate(model, criterion, precision, loader, runtime, args, log, name=""):
-    """Score every validation image exactly once across all ranks; returns global loss, Acc@1, Acc@5, count.
+def evaluate(model, criterion, precision, loader, runtime, args, log, stop, name=""):
+    """Score every readable validation image exactly once across all ranks.
 
-    ``name`` tags the result line (" * EMA Acc@1 ..."), so parsers of the reference's " * Acc@1" line still
-    read the trained weights' score."""
+    Returns global loss, Acc@1, Acc@5, ``count`` (images scored) and ``skipped_images`` (unreadable), or None
+    when a one-process run was asked to stop (with several, the ranks' shards differ in length and have no
+    common point to agree at, so validation runs to its end). ``name`` tags the result line (" * EMA Acc@1 ..."),
+    so parsers of the reference's " * Acc@1" line still read the trained weights' score.
+    """
     model.eval()
     sums = MetricSums(runtime.device)
     for step, (images, target) in enumerate(loader):
+        if stop.requested(runtime, sync_point=False):
+            return None
+        readable = target != SKIPPED_LABEL
+        if not readable.all():
+            images, target = images[readable], target[readable]
+            if not len(target):
+                continue
         images, target = _to_device(images, target, runtime)
         with precision.autocast():
             output = model(images)
@@ -138,6 +215,8 @@ def evaluate(model, criterion, precision, loader, runtime, args, log, name=""):
         sums.update(loss.float(), output.float(), target)
         if (step + 1) % args.print_freq == 0:
             log.info(f"Test: [{step + 1}/{len(loader)}]")
-    result = _global_means(sums, runtime)
-    log.info(f" *{' ' + name if name else ''} Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f}")
+    result = _global_means(sums, runtime, loader.skipped)
+    skipped = f", {result['skipped_images']} unreadable skipped" if result["skipped_images"] else ""
+    log.info(f" *{' ' + name if name else ''} Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} "
+             f"({result['count']} images scored{skipped})")
     return result

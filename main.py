@@ -51,6 +51,9 @@ def build_parser():
     group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
     group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
     group.add_argument("--cutmix", default=0.0, type=float, help="CutMix alpha (0: off); with --mixup, one per batch")
+    group.add_argument("--strict-data", action="store_true",
+                       help="an unreadable image is an error (default: logged once, replaced in training, "
+                            "left out of validation, counted)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
@@ -77,6 +80,9 @@ def build_parser():
                        help="also keep, validate and checkpoint an EMA of the weights and BatchNorm statistics")
     group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
     group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
+    group.add_argument("--max-nonfinite-steps", default=20, type=int,
+                       help="with a loss scaler (fp16 --amp), stop after N steps in a row with non-finite gradients; "
+                            "without one the first such step stops the run")
 
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
@@ -131,7 +137,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
-    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps"):
+    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
@@ -176,7 +182,10 @@ def check_args(args):
         args.data_dir = args.data
         data.image_folders(args.data_dir, None, None)
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise UserError(f"--output-dir {args.output_dir} is not writable")
 
@@ -189,17 +198,15 @@ def build_datasets(args):
     return data.image_folders(args.data_dir,
                               data.train_transform(args.train_crop_size, (args.min_crop_scale, 1.0),
                                                    args.auto_augment, args.random_erase),
-                              data.val_transform(args.val_resize_size, args.val_crop_size))
+                              data.val_transform(args.val_resize_size, args.val_crop_size), seed=args.seed)
 
 
-def build_loaders(train_set, val_set, runtime, args):
+def build_loaders(train_set, val_set, runtime, args, log):
     per_process_batch = args.batch_size // runtime.world_size
     workers = args.workers if args.workers is not None else default_workers(runtime)
     # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
     # the same order as an uninterrupted one.
-    train_sampler = torch.utils.data.distributed.DistributedSampler(
-        train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=args.seed or 0,
-        drop_last=True)
+    train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
     val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
     train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
                                      pin_memory=runtime.pin_memory, seed=args.seed)
@@ -208,7 +215,8 @@ def build_loaders(train_set, val_set, runtime, args):
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
                         "lower -b/--batch-size")
-    return train_loader, val_loader, train_sampler
+    return (data.CheckedLoader(train_loader, args.strict_data, log),
+            data.CheckedLoader(val_loader, args.strict_data, log), train_sampler)
 
 
 def usable_cpus():
@@ -222,15 +230,22 @@ def default_workers(runtime):
 
 def main_worker(local_rank, args):
     try:
-        train(local_rank, args)
+        with engine.StopRequest() as stop:
+            train(local_rank, args, stop)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as exc:
+        message = device.collective_failure(exc, args.dist_timeout)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     finally:
         device.cleanup()
 
 
-def train(local_rank, args):
+def train(local_rank, args, stop):
     run_start = time.perf_counter()
     runtime = device.setup_runtime(args, local_rank)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -271,13 +286,16 @@ def train(local_rank, args):
         # Buffers are broadcast explicitly before validation instead of at every step.
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
-    train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args)
+    if runtime.is_main and not (args.no_checkpoint or args.evaluate):
+        checkpoint.check_free_space(args.output_dir, model_without_ddp)
+
+    train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
     steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
     scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
                                    args.lr_decay_epochs, args.lr_decay_rate)
     mix = data.batch_mix(num_classes, args.mixup, args.cutmix)
 
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, start_step, best_acc1, resumed_rng = 0, 0, 0.0, None
     if args.resume:
         state = checkpoint.load_file(args.resume)
         checkpoint.load_model_weights(model_without_ddp, state, args.arch, args.resume)
@@ -287,48 +305,105 @@ def train(local_rank, args):
             precision.load_state_dict(state.get("precision", {}))
             if ema is not None and "model_ema" in state:
                 ema.load_state_dict(state["model_ema"])
-            start_epoch, best_acc1 = state["epoch"], state["best_acc1"]
-        log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, best Acc@1 {state.get('best_acc1')})")
+            start_epoch, start_step, best_acc1 = state["epoch"], state.get("step", 0), state["best_acc1"]
+            resumed_rng = resumed_rng_state(state, runtime, log)
+        log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
+                 f"best Acc@1 {state.get('best_acc1')})")
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        start_epoch, start_step = args.start_epoch, 0
 
     summary = {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
                "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None,
                "train_acc1": None, "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None,
+               "train_skipped_images": 0, "val_skipped_images": 0, "skipped_steps": 0, "stopped": None,
                "history": []}
     if args.evaluate:
-        result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
+        result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
+        if result is None:
+            log.info(f"=> stopped by {stop.name} during validation")
+            raise SystemExit(128 + stop.signum)
         summary.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"],
-                       val_images=result["count"], best_acc1=result["acc1"])
+                       val_images=result["count"], val_skipped_images=result["skipped_images"],
+                       best_acc1=result["acc1"])
         write_summary(summary, None, run_start, runtime, args, log)
         return
+
+    def save(epoch, step, is_best, best_is_ema=False):
+        """Every rank calls this (their RNG states are gathered); rank 0 writes. The path, or None."""
+        rng = runtime.all_gather_object(checkpoint.rng_state(runtime.kind))
+        if not runtime.is_main or args.no_checkpoint:
+            return None
+        state = {"epoch": epoch, "step": step, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
+                 "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "rng": rng,
+                 "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
+        best = None
+        if ema is not None:
+            state["model_ema"] = ema.state_dict()
+            if best_is_ema:
+                best = {**state, "state_dict": ema.module.state_dict(), "weights": "ema"}
+        path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
+        log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
+        return path
+
+    def stop_run(reason, epoch, step, is_best=False, best_is_ema=False):
+        """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
+        path = save(epoch, step, is_best, best_is_ema)
+        summary.update(stopped=reason, best_acc1=best_acc1)
+        write_summary(summary, throughput, run_start, runtime, args, log)
+        where = f"epoch {epoch}, step {step}/{steps_per_epoch}"
+        saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
+        if reason == "non-finite":
+            in_a_row = args.max_nonfinite_steps if precision.has_scaler else 1
+            raise UserError(f"the gradients were not finite at {where} ({in_a_row} step(s) in a row); the weights "
+                            f"of the last good step are in the {saved}. Lower --lr, add --warmup, or check the data")
+        log.info(f"=> stopped by {reason} at {where}; {saved}")
+        raise SystemExit(128 + stop.signum)
 
     throughput = engine.ThroughputMeter(args.fps_warmup_steps)
     metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
     for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        train_sampler.set_epoch(epoch, first_step * (args.batch_size // runtime.world_size))
         if args.seed is not None:
             seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
+        if first_step and resumed_rng is not None:
+            # Mid-epoch: the random streams (dropout) go on from where the interrupted run left them.
+            checkpoint.restore_rng_state(resumed_rng, runtime.kind)
         epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
-                                             runtime, epoch, args, log, throughput, ema, mix)
+                                             runtime, epoch, args, log, throughput, stop, first_step, ema, mix)
         train_seconds = time.perf_counter() - epoch_start
-        summary.update(epochs=summary["epochs"] + 1, train_steps=summary["train_steps"] + steps_per_epoch,
-                       train_loss=train_stats["loss"], train_acc1=train_stats["acc1"])
+        summary.update(epochs=summary["epochs"] + 1,
+                       train_steps=summary["train_steps"] + train_stats["steps_done"] - first_step,
+                       train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
+                       train_skipped_images=train_stats["skipped_images"],
+                       skipped_steps=summary["skipped_steps"] + train_stats["skipped_steps"])
+        if train_stats["skipped_images"] or train_stats["skipped_steps"]:
+            log.info(f"=> epoch {epoch}: {train_stats['skipped_images']} unreadable images replaced, "
+                     f"{train_stats['skipped_steps']} steps skipped (non-finite gradients)")
+        if train_stats["stopped"]:
+            stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
         acc1, val_stats, ema_stats = None, {}, {}
         if not args.no_val:
             runtime.broadcast_buffers(model_without_ddp)
-            val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log)
+            val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
+            if val_stats is None:
+                stop_run(stop.name, epoch, train_stats["steps_done"])
             acc1 = val_stats["acc1"]
             summary.update(val_loss=val_stats["loss"], val_acc1=acc1, val_acc5=val_stats["acc5"],
-                           val_images=val_stats["count"])
+                           val_images=val_stats["count"], val_skipped_images=val_stats["skipped_images"])
             if ema is not None:
                 runtime.broadcast_buffers(ema)
-                ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, name="EMA")
+                ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, stop,
+                                            name="EMA")
+                if ema_stats is None:
+                    stop_run(stop.name, epoch, train_stats["steps_done"])
                 summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
                                ema_val_acc5=ema_stats["acc5"])
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
-                                   "val_acc1": acc1})
+                                   "val_acc1": acc1, "train_skipped_images": train_stats["skipped_images"],
+                                   "skipped_steps": train_stats["skipped_steps"]})
         if metrics_log is not None:
             # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
             metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
@@ -341,18 +416,9 @@ def train(local_rank, args):
         score = ema_stats["acc1"] if ema_better else acc1
         is_best = score is not None and score > best_acc1
         best_acc1 = max(best_acc1, score) if score is not None else best_acc1
-        if runtime.is_main and not args.no_checkpoint:
-            state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
-                     "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
-                     "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
-            best = None
-            if ema is not None:
-                state["model_ema"] = ema.state_dict()
-                if ema_better:
-                    best = {**state, "state_dict": ema.module.state_dict(), "weights": "ema"}
-            path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
-            log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
+        if stop.requested(runtime):
+            stop_run(stop.name, epoch + 1, 0, is_best, ema_better)
+        save(epoch + 1, 0, is_best, ema_better)
         runtime.barrier()
     if metrics_log is not None:
         metrics_log.close()
@@ -362,6 +428,18 @@ def train(local_rank, args):
     log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
+
+
+def resumed_rng_state(state, runtime, log):
+    """This rank's RNG state from a checkpoint, for a mid-epoch resume; None (with a warning) if the checkpoint
+    was written by another number of processes."""
+    saved = state.get("rng")
+    if saved is None or len(saved) != runtime.world_size:
+        if state.get("step"):
+            log.warning("=> resuming mid-epoch with another number of processes than the checkpoint's: the rest of "
+                        "this epoch draws other random numbers than the interrupted run would have")
+        return None
+    return saved[runtime.rank]
 
 
 def write_summary(summary, throughput, run_start, runtime, args, log):

@@ -3,11 +3,16 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+
+# Ctrl-C and a scheduler's pre-emption: the run saves where it stands and stops.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class UserError(Exception):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision
 
-import checkpoint
 import main
 from conftest import ROOT, tiny_flags
 
@@ -74,35 +73,6 @@ def test_evaluate_reproduces_best_accuracy(trained, image_folder, tmp_path):
                                                 str(output_dir / "model_best.pth.tar")))
     assert result["val_acc1"] == pytest.approx(summary["best_acc1"])
     assert result["val_images"] == 15
-
-
-def test_resume_continues_to_the_same_weights(image_folder, tmp_path, monkeypatch):
-    """A run killed after its second epoch's checkpoint and resumed ends with the same weights as a run that was
-    never interrupted (same seed, no workers)."""
-    flags = ("--epochs", "3", "--seed", "1", "--warmup", "1")
-    run_main(image_folder, *tiny_flags(tmp_path / "straight", *flags))
-
-    class Killed(Exception):
-        pass
-
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(state, is_best, output_dir, **options):
-        path = save(state, is_best, output_dir, **options)
-        if state["epoch"] == 2:
-            raise Killed
-        return path
-
-    split = tmp_path / "split"
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run_main(image_folder, *tiny_flags(split, *flags))
-    monkeypatch.undo()
-    resumed = run_main(image_folder, *tiny_flags(split, *flags, "--resume", str(split / "checkpoint.pth.tar")))
-    assert [h["epoch"] for h in resumed["history"]] == [2]
-    a, b = weights(tmp_path / "straight" / "checkpoint.pth.tar"), weights(split / "checkpoint.pth.tar")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_seed_makes_a_cpu_run_repeatable(image_folder, tmp_path):
