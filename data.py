@@ -8,7 +8,7 @@ import tempfile
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from utils import UserError
 
@@ -66,10 +66,10 @@ def val_transform(resize_size, crop_size):
 class _ClassFolder(datasets.ImageFolder):
     """ImageFolder whose class list is given, so val/ shares train/'s label indices."""
 
-    def __init__(self, root, classes, transform):
+    def __init__(self, root, classes, transform, loader=default_loader):
         self._given_classes = list(classes)
         # allow_empty: val/ may hold only some of train/'s classes; an empty set is checked by the caller.
-        super().__init__(root, transform=transform, allow_empty=True)
+        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
 
     def find_classes(self, directory):
         return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
@@ -91,8 +91,10 @@ def _split_folder(data_dir, split):
     return folder, classes
 
 
-def image_folders(data_dir, train_tf, val_tf):
-    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes."""
+def image_folders(data_dir, train_tf, val_tf, loaders=(default_loader, default_loader)):
+    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
+
+    ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
@@ -104,8 +106,8 @@ def image_folders(data_dir, train_tf, val_tf):
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {train_dir} lacks: {shown}")
     sets = []
-    for folder, tf in ((train_dir, train_tf), (val_dir, val_tf)):
-        ds = _ClassFolder(folder, classes, tf)
+    for folder, tf, loader in ((train_dir, train_tf, loaders[0]), (val_dir, val_tf, loaders[1])):
+        ds = _ClassFolder(folder, classes, tf, loader)
         if not ds.samples:
             raise UserError(f"no images found in the class folders of {folder} "
                             f"(looked for {', '.join(IMG_EXTENSIONS)})")
@@ -212,7 +214,7 @@ class EvalShardSampler(Sampler):
 
 
 def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop_last=False,
-                 pin_memory=False, seed=None):
+                 pin_memory=False, seed=None, collate_fn=None):
     # With a seeded generator the shuffle order is reproducible, and so are the worker seeds: the
     # DataLoader derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -226,4 +228,5 @@ def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,
+        collate_fn=collate_fn,
     )

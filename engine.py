@@ -29,15 +29,11 @@ class ThroughputMeter:
         return 1000.0 * self.seconds / self.steps if self.steps else float("nan")
 
 
-def _to_device(images, target, runtime):
-    images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
-    target = target.to(runtime.device, dtype=runtime.label_dtype, non_blocking=True)
-    return images, target
-
-
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
                     throughput):
-    """Train for one epoch (or ``args.max_steps`` steps); returns the epoch's global mean loss, Acc@1, Acc@5."""
+    """Train for one epoch (or ``args.max_steps`` steps); returns the epoch's global mean loss, Acc@1, Acc@5.
+
+    ``loader`` yields batches already on the device (prefetch.DeviceLoader)."""
     model.train()
     steps = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
     interval, epoch_sums = MetricSums(runtime.device), MetricSums(runtime.device)
@@ -53,7 +49,6 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         if step >= steps:
             break
         interval_data += time.perf_counter() - last_step_end
-        images, target = _to_device(images, target, runtime)
         with precision.autocast():
             output = model(images)
             loss = criterion(output, target)
@@ -114,7 +109,6 @@ def evaluate(model, criterion, precision, loader, runtime, args, log):
     model.eval()
     sums = MetricSums(runtime.device)
     for step, (images, target) in enumerate(loader):
-        images, target = _to_device(images, target, runtime)
         with precision.autocast():
             output = model(images)
             loss = criterion(output, target)

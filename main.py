@@ -20,6 +20,8 @@ import data
 import device
 import engine
 import mnasnet
+import pipeline
+import prefetch
 import recipe
 from utils import UserError, epoch_seed, seed_everything, setup_logging
 
@@ -44,6 +46,12 @@ def build_parser():
     group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
     group.add_argument("--val-resize-size", default=256, type=int)
     group.add_argument("--val-crop-size", default=224, type=int)
+    group.add_argument("--pipeline", default="fast", choices=pipeline.PIPELINES,
+                       help="input pipeline: fast (PIL draft() JPEG decode at reduced size, uint8 batches normalised "
+                            "on the device), standard (torchvision PIL transforms, float batches), tensor "
+                            "(torchvision.io decode), gpu (JPEG decode and augmentation on the CUDA device)")
+    group.add_argument("--fast-val", action="store_true",
+                       help="validation through the --pipeline's fast path too (otherwise standard PIL pixels)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
@@ -130,6 +138,8 @@ def check_args(args):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
 
     args.device_kind = device.resolve_device_kind(args.device)
+    if args.pipeline == "gpu" and args.device_kind == "npu":
+        raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
     if args.amp and args.amp_backend == "apex":
         if args.device_kind == "cpu":
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
@@ -157,9 +167,8 @@ def build_datasets(args):
         val_images = max(args.dummy_images // 25, 1)
         return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
                 data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
-    return data.image_folders(args.data_dir,
-                              data.train_transform(args.train_crop_size, scale=(args.min_crop_scale, 1.0)),
-                              data.val_transform(args.val_resize_size, args.val_crop_size))
+    (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
+    return data.image_folders(args.data_dir, train_tf, val_tf, loaders=(train_read, val_read))
 
 
 def build_loaders(train_set, val_set, runtime, args):
@@ -171,10 +180,21 @@ def build_loaders(train_set, val_set, runtime, args):
         train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=args.seed or 0,
         drop_last=True)
     val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
+    device_decode = args.pipeline == "gpu" and args.data_dir is not None
     train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
-                                     pin_memory=runtime.pin_memory, seed=args.seed)
+                                     pin_memory=runtime.pin_memory, seed=args.seed,
+                                     collate_fn=pipeline.collate_bytes if device_decode else None)
+    val_decode = device_decode and args.fast_val
     val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
-                                   pin_memory=runtime.pin_memory)
+                                   pin_memory=runtime.pin_memory,
+                                   collate_fn=pipeline.collate_bytes if val_decode else None)
+    train_transfer = val_transfer = None
+    if device_decode:
+        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
+    if val_decode:
+        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size)
+    train_loader = prefetch.DeviceLoader(train_loader, runtime, train_transfer)
+    val_loader = prefetch.DeviceLoader(val_loader, runtime, val_transfer)
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
                         "lower -b/--batch-size")
