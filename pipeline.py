@@ -13,6 +13,7 @@ Every pipeline draws its random numbers as torchvision's RandomResizedCrop + Ran
 Validation keeps the standard pixels (PIL resize, centre crop, uint8 out) unless ``fast_val`` is set.
 """
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from torchvision.datasets.folder import default_loader
 from torchvision.transforms.v2 import functional as F
 
 import data
+
+# requirements.txt pins torchvision 0.29, whose image decoders (the only batched nvJPEG path) still work;
+# TorchCodec, named by this warning as their successor, has no batched GPU JPEG decode for images.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 PIPELINES = ("standard", "fast", "tensor", "gpu")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
