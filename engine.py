@@ -109,7 +109,7 @@ def evaluate(model, criterion, precision, loader, runtime, args, log):
     model.eval()
     sums = MetricSums(runtime.device)
     for step, (images, target) in enumerate(loader):
-        with precision.autocast():
+        with precision.eval_autocast():
             output = model(images)
             loss = criterion(output, target)
         sums.update(loss.float(), output.float(), target)

@@ -81,6 +81,8 @@ def build_parser():
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
     group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
+    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model (CUDA, CPU); BACKEND defaults to inductor")
     group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                        help="auto: channels_last on CUDA and CPU, contiguous on NPU")
 
@@ -138,6 +140,9 @@ def check_args(args):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
 
     args.device_kind = device.resolve_device_kind(args.device)
+    if args.compile and args.device_kind == "npu":
+        raise UserError("--compile: torch.compile on NPU needs Ascend's torchair backend, which this project "
+                        "does not drive; leave --compile off on NPU")
     if args.pipeline == "gpu" and args.device_kind == "npu":
         raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
     if args.amp and args.amp_backend == "apex":
@@ -257,6 +262,9 @@ def train(local_rank, args):
         device_ids = None if runtime.kind == "cpu" else [runtime.device]
         # Buffers are broadcast explicitly before validation instead of at every step.
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    if args.compile:
+        # Only the loops call the compiled wrapper; checkpoints keep model_without_ddp's plain keys.
+        model = torch.compile(model, backend=args.compile)
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args)
     steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)

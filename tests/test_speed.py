@@ -1,0 +1,25 @@
+"""Speed options give the results of the plain paths: torch.compile's loss trajectory, bf16 evaluation."""
+import re
+
+import pytest
+
+from conftest import tiny_flags
+from test_main import run_main, weights
+
+
+def _step_losses(output_dir):
+    return [float(v) for v in re.findall(r"\tLoss (\S+) \(", (output_dir / "train.log").read_text())]
+
+
+def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path):
+    """aot_eager traces forward and backward graphs as inductor does, in seconds instead of minutes on 2 cores;
+    bench.py --compile times inductor itself."""
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
+        out = tmp_path / name
+        run_main(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "3", "--print-freq", "1",
+                                           "--seed", "0", "--dropout", "0", "--no-val", *extra))
+        losses[name] = _step_losses(out)
+    assert len(losses["eager"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert set(weights(tmp_path / "compiled" / "checkpoint.pth.tar")) == set(weights(tmp_path / "eager" / "checkpoint.pth.tar"))
