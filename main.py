@@ -211,8 +211,9 @@ def usable_cpus():
 
 
 def default_workers(runtime):
-    """Leave a core per process for the training loop itself; 8 workers keep up with one accelerator."""
-    return max(1, min(8, usable_cpus() // runtime.world_size - 1))
+    """Leave a core per process for the training loop itself. One fast-pipeline worker makes roughly 250-400
+    ImageNet crops/s (bench.py), so up to 16 per process feed an NPU at the reference's 2,570 img/s with room."""
+    return max(1, min(16, usable_cpus() // runtime.world_size - 1))
 
 
 def main_worker(local_rank, args):

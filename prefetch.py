@@ -48,15 +48,26 @@ class DeviceDecode(ToDevice):
 
     def images(self, raw):
         try:
-            decoded = pipeline.io.decode_jpeg(raw, mode=pipeline.io.ImageReadMode.RGB, device=self.runtime.device)
+            decoded = self._decode(raw)
         except RuntimeError:
-            # A batch holding a PNG or another non-JPEG file: decode each image on the host instead.
-            decoded = [pipeline.decode(item).to(self.runtime.device, non_blocking=True) for item in raw]
+            # A PNG, or a JPEG the device decoder refuses (ImageNet holds a few CMYK ones): one at a time, and
+            # on the host for those.
+            decoded = [self._decode_or_host(item) for item in raw]
         if self.train:
             out = [pipeline.random_resized_crop_flip(img, self.size, self.scale) for img in decoded]
         else:
             out = [pipeline.resize_center_crop(img, self.resize_size, self.size) for img in decoded]
         return self.normalize(torch.stack(out).contiguous(memory_format=self.runtime.memory_format))
+
+
+    def _decode(self, raw):
+        return pipeline.io.decode_jpeg(raw, mode=pipeline.io.ImageReadMode.RGB, device=self.runtime.device)
+
+    def _decode_or_host(self, item):
+        try:
+            return self._decode(item)
+        except RuntimeError:
+            return pipeline.decode(item).to(self.runtime.device, non_blocking=True)
 
 
 class DeviceLoader:

@@ -202,3 +202,14 @@ def test_errors_from_a_fresh_process_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_evaluation_scores_like_fp32(trained, image_folder, tmp_path):
+    """--amp on the CPU evaluates in bf16 (where the CPU has it): the trained model's Acc@1 does not move."""
+    output_dir, _ = trained
+    scores = {}
+    for name, extra in (("fp32", []), ("amp", ["--amp"])):
+        scores[name] = run_main(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained",
+                                                             str(output_dir / "checkpoint.pth.tar"), *extra))
+    assert scores["amp"]["val_acc1"] == scores["fp32"]["val_acc1"]
+    assert scores["amp"]["val_loss"] == pytest.approx(scores["fp32"]["val_loss"], rel=0.02)

@@ -1,6 +1,7 @@
 """Each fast input path against the plain one: same crops and pixels (within resampling tolerance) for the same
 random numbers, the same normalised batches on the device, the same loss trajectory."""
 import contextlib
+import os
 import types
 
 import numpy as np
@@ -96,14 +97,17 @@ def test_device_normalisation_equals_worker_normalisation(photos):
 
 def test_device_decode_equals_worker_decode(photos):
     """The gpu pipeline's code, run on the CPU: batched decode + augmentation = the tensor pipeline's."""
+    png = os.path.join(os.path.dirname(photos[0]), "png.png")
+    Image.open(photos[0]).save(png)
+    photos = [*photos, png]  # not a JPEG: decoded on the host
     raw = [pipeline.bytes_loader(p) for p in photos]
     runtime = _cpu_runtime()
     torch.manual_seed(3)
-    decoded, _ = prefetch.DeviceDecode(runtime, True, CROP)((raw, torch.arange(4)))
+    decoded, _ = prefetch.DeviceDecode(runtime, True, CROP)((raw, torch.arange(5)))
     torch.manual_seed(3)
     expected = torch.stack([pipeline.TensorTrain(CROP)(p) for p in photos])
     torch.testing.assert_close(decoded, prefetch.ToDevice(runtime).normalize(expected.float()), rtol=0, atol=1e-5)
-    val, _ = prefetch.DeviceDecode(runtime, False, CROP, resize_size=56)((raw, torch.arange(4)))
+    val, _ = prefetch.DeviceDecode(runtime, False, CROP, resize_size=56)((raw, torch.arange(5)))
     expected = torch.stack([pipeline.TensorVal(56, CROP)(p) for p in photos])
     torch.testing.assert_close(val, prefetch.ToDevice(runtime).normalize(expected.float()), rtol=0, atol=1e-5)
 

@@ -23,3 +23,10 @@ def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path):
     assert len(losses["eager"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
     assert set(weights(tmp_path / "compiled" / "checkpoint.pth.tar")) == set(weights(tmp_path / "eager" / "checkpoint.pth.tar"))
+
+
+@pytest.mark.parametrize("name", ["standard", "tensor", "gpu"])
+def test_each_pipeline_trains_and_validates_through_main(image_folder, tmp_path, name):
+    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--pipeline", name,
+                                                 "--fast-val", "--no-checkpoint"))
+    assert summary["val_images"] == 15 and summary["train_steps"] == 2
