@@ -126,10 +126,10 @@ def step_rates(runtime, args):
         sums = MetricSums(dev)
         net.train()
 
-        def run():
+        def run(steps=args.steps):
             runtime.synchronize()
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 with precision.autocast():
                     output = net(x)
                     loss = criterion(output, train_y)
@@ -140,8 +140,8 @@ def step_rates(runtime, args):
                     sums.update(loss, output, train_y)
             sums.pull()
             runtime.synchronize()
-            return args.steps * args.train_batch / (time.perf_counter() - start)
-        run()  # warm-up: allocator, kernel selection, compilation
+            return steps * args.train_batch / (time.perf_counter() - start)
+        run(1)  # warm-up: allocator, kernel selection, compilation
         return run
 
     def evaluate(memory_format, autocast):
@@ -149,17 +149,17 @@ def step_rates(runtime, args):
         net = copy.deepcopy(model).to(memory_format=memory_format).eval()
 
         @torch.no_grad()
-        def run():
+        def run(steps=args.steps):
             runtime.synchronize()
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 with autocast():
                     output = net(x)
                     loss = criterion(output, eval_y)
                 loss.item()
             runtime.synchronize()
-            return args.steps * args.eval_batch / (time.perf_counter() - start)
-        run()
+            return steps * args.eval_batch / (time.perf_counter() - start)
+        run(1)
         return run
 
     plain_precision = amp if args.amp and runtime.kind != "cpu" else fp32
