@@ -141,7 +141,7 @@ def step_rates(runtime, args):
             sums.pull()
             runtime.synchronize()
             return steps * args.train_batch / (time.perf_counter() - start)
-        run(1)  # warm-up: allocator, kernel selection, compilation
+        run(args.warmup_steps)  # oneDNN primitives, allocator caches, compilation: the first steps are slow
         return run
 
     def evaluate(memory_format, autocast):
@@ -159,7 +159,7 @@ def step_rates(runtime, args):
                 loss.item()
             runtime.synchronize()
             return steps * args.eval_batch / (time.perf_counter() - start)
-        run(1)
+        run(args.warmup_steps)
         return run
 
     plain_precision = amp if args.amp and runtime.kind != "cpu" else fp32
@@ -188,7 +188,7 @@ def end_to_end(folder, args, tmp):
     flags = ["-a", args.arch, "--device", args.device, "-b", str(args.train_batch), "--epochs", "1",
              "--train-crop-size", str(args.crop), "--val-crop-size", str(args.crop),
              "--val-resize-size", str(args.crop * 8 // 7), "-j", str(args.workers), "--print-freq", "1000",
-             "--fps-warmup-steps", "1"]
+             "--fps-warmup-steps", str(args.warmup_steps)]
     variants = {"ours": ["--amp"] if args.amp else [],
                 "plain": ["--pipeline", "standard", "--memory-format", "contiguous"]}
     rows = {}
@@ -234,9 +234,11 @@ def main(argv=None):
     parser.add_argument("--train-batch", default=32, type=int)
     parser.add_argument("--eval-batch", default=64, type=int)
     parser.add_argument("--steps", default=3, type=int, help="timed steps per repeat")
+    parser.add_argument("--warmup-steps", default=3, type=int,
+                        help="untimed steps first (on a CPU the first 2-3 run at a fraction of the steady speed)")
     parser.add_argument("--repeats", default=3, type=int)
     parser.add_argument("--images", default=48, type=int, help="generated JPEGs for the pipeline rows")
-    parser.add_argument("--e2e-images", default=192, type=int, help="training images for main.py (val: 1/2)")
+    parser.add_argument("--e2e-images", default=256, type=int, help="training images for main.py (val: 1/2)")
     parser.add_argument("--workers", default=1, type=int, help="main.py loader workers")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "step", "e2e"])
     parser.add_argument("--json", default="bench.json")
@@ -250,17 +252,25 @@ def main(argv=None):
                           "ld_preload": os.environ.get("LD_PRELOAD", ""), "device": str(dev),
                           "load_average_start": load_average()},
               "config": vars(args)}
+    started = time.perf_counter()
+
+    def progress(what):
+        print(f"[{time.perf_counter() - started:6.0f} s] {what}", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="mnasnet-bench-") as tmp:
         if "pipeline" not in args.skip:
             paths = write_jpegs(os.path.join(tmp, "jpegs"), args.images, seed=0)
             result["pipeline_img_s_per_worker"] = pipeline_rates(paths, args)
+            progress("input pipeline done")
         if "step" not in args.skip:
             result["step_img_s"] = step_rates(runtime, args)
+            progress("steps done")
         if "e2e" not in args.skip:
             folder = os.path.join(tmp, "folder")
             write_jpegs(os.path.join(folder, "train"), args.e2e_images, seed=1, classes=4)
             write_jpegs(os.path.join(folder, "val"), args.e2e_images // 2, seed=2, classes=4)
             result["end_to_end"] = end_to_end(folder, args, tmp)
+            progress("main.py end to end done")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = runtime.max_memory_allocated()
     result["peak_device_mb"] = peak / 2 ** 20 if peak is not None else None

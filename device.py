@@ -242,9 +242,8 @@ class NativeAmp(Precision):
         self.dtype = torch.bfloat16 if kind == "cpu" else torch.float16
         self.train_enabled = kind != "cpu"
         self.eval_enabled = kind != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.name = f"native {str(self.dtype).replace('torch.', '')}"
-        if kind == "cpu":
-            self.name = f"fp32 training, {'bf16' if self.eval_enabled else 'fp32'} evaluation"
+        self.name = (f"native {str(self.dtype).replace('torch.', '')}" if kind != "cpu" else
+                     f"fp32 training, {'bf16' if self.eval_enabled else 'fp32'} evaluation")
         options = {"enabled": self.dtype == torch.float16}
         if loss_scale != "dynamic":
             # A fixed scale: it never grows, and only backs off when a step overflows.

@@ -47,8 +47,8 @@ def build_parser():
     group.add_argument("--val-resize-size", default=256, type=int)
     group.add_argument("--val-crop-size", default=224, type=int)
     group.add_argument("--pipeline", default="fast", choices=pipeline.PIPELINES,
-                       help="input pipeline: fast (PIL draft() JPEG decode at reduced size, uint8 batches normalised "
-                            "on the device), standard (torchvision PIL transforms, float batches), tensor "
+                       help="input pipeline: fast (large JPEG crops decoded at reduced size by PIL draft(), others "
+                            "by torchvision.io; uint8 batches normalised on the device), standard (torchvision PIL transforms, float batches), tensor "
                             "(torchvision.io decode), gpu (JPEG decode and augmentation on the CUDA device)")
     group.add_argument("--fast-val", action="store_true",
                        help="validation through the --pipeline's fast path too (otherwise standard PIL pixels)")
