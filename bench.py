@@ -240,10 +240,16 @@ def main(argv=None):
     parser.add_argument("--images", default=48, type=int, help="generated JPEGs for the pipeline rows")
     parser.add_argument("--e2e-images", default=256, type=int, help="training images for main.py (val: 1/2)")
     parser.add_argument("--workers", default=1, type=int, help="main.py loader workers")
+    parser.add_argument("--threads", default=None, type=int,
+                        help="intra-op threads for the step rows and main.py (default: torch's); on a machine shared "
+                             "with other jobs, 1 keeps OpenMP threads from waiting on descheduled peers")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "step", "e2e"])
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the main.py runs
     kind = device.resolve_device_kind(args.device)
     dev = torch.device(kind) if kind == "cpu" else torch.device(kind, 0)
     runtime = device.Runtime(kind, dev, memory_format=device._memory_format("auto", kind))

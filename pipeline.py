@@ -3,8 +3,9 @@
 ``--pipeline`` picks one (bench.py measures them all):
 
 - ``standard``: torchvision's PIL transforms, normalised float32 batches from the workers (the reference).
-- ``fast``: PIL with ``draft()``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale when the random crop still
-  has at least the output size at that scale, and crop + resize is one ``resize(box=...)``; uint8 out.
+- ``fast``: a JPEG whose random crop is at least twice the output size is decoded by PIL at 1/2, 1/4 or 1/8
+  scale (``draft()``) and cropped + resized in one ``resize(box=...)``; other images are decoded by
+  ``torchvision.io`` and cropped + resized as uint8 tensors (faster than PIL at 300-500 px); uint8 out.
 - ``tensor``: ``torchvision.io`` decode and tensor crop/resize on uint8 tensors.
 - ``gpu``: workers only read the file bytes; JPEGs are decoded and augmented on the device (prefetch.py).
 
@@ -24,8 +25,8 @@ from torchvision.transforms.v2 import functional as F
 
 import data
 
-# requirements.txt pins torchvision 0.29, whose image decoders (the only batched nvJPEG path) still work;
-# TorchCodec, named by this warning as their successor, has no batched GPU JPEG decode for images.
+# requirements.txt pins torchvision 0.29, whose image decoders work and are deprecated in favour of
+# TorchCodec's; moving to those is for when the pin moves, and the warning would repeat in every worker.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
