@@ -13,6 +13,7 @@
 """
 import argparse
 import copy
+import ctypes.util
 import json
 import os
 import platform
@@ -191,6 +192,10 @@ def end_to_end(folder, args, tmp):
              "--fps-warmup-steps", str(args.warmup_steps)]
     variants = {"ours": ["--amp"] if args.amp else [],
                 "plain": ["--pipeline", "standard", "--memory-format", "contiguous"]}
+    # Ours runs as the test/ launchers run it (with a fast allocator where one is installed), plain without one.
+    allocator = fast_allocator() if args.device == "cpu" else None
+    environments = {"ours": {**os.environ, "LD_PRELOAD": allocator} if allocator else dict(os.environ),
+                    "plain": {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}}
     rows = {}
     for name, extra in variants.items():
         out = os.path.join(tmp, f"e2e-{name}")
@@ -199,13 +204,13 @@ def end_to_end(folder, args, tmp):
         for argv in ([*flags, *extra, "--no-val", "--output-dir", out, "--summary-json", train_json],
                      [*flags, *extra, "-e", "--pretrained", os.path.join(out, "checkpoint.pth.tar"),
                       "-b", str(args.eval_batch), "--output-dir", out, "--summary-json", eval_json]):
-            code = ("import resource, runpy, sys; sys.argv = ['main.py'] + sys.argv[1:]; "
-                    "runpy.run_path('main.py', run_name='__main__')")
-            cmd = [sys.executable, "-c", code + "\nprint('MAXRSS', max(resource.getrusage(who).ru_maxrss "
-                                                 "for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))",
-                   folder, *argv]
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report ours.
+            code = ("import runpy, sys; sys.argv = ['main.py'] + sys.argv[1:]; "
+                    "runpy.run_path('main.py', run_name='__main__')\n"
+                    "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+            cmd = [sys.executable, "-c", code, folder, *argv]
             start = time.perf_counter()
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=environments[name])
             if done.returncode:
                 raise SystemExit(f"main.py failed: {' '.join(argv)}\n{done.stderr[-2000:]}")
             wall = time.perf_counter() - start
@@ -214,10 +219,19 @@ def end_to_end(folder, args, tmp):
             train = json.load(f)
         with open(eval_json) as f:
             evaluation = json.load(f)
-        rows[name] = {"train_img_s": train["fps"], "eval_img_s": evaluation["val_images"] / evaluation["e2e_seconds"],
+        rows[name] = {"ld_preload": environments[name].get("LD_PRELOAD", ""), "train_img_s": train["fps"], "eval_img_s": evaluation["val_images"] / evaluation["e2e_seconds"],
                       "eval_wall_s": wall, "peak_rss_mb": max(rss) / 1024,
                       "peak_device_mb": train["peak_device_memory_mb"]}
     return rows
+
+
+def fast_allocator():
+    """tcmalloc or jemalloc, as test/common.sh looks for them; None when neither is installed."""
+    for name in ("tcmalloc_minimal", "tcmalloc", "jemalloc"):
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
 
 
 def load_average():
@@ -306,11 +320,12 @@ def print_table(result):
         section("step img/s", {k: v for k, v in rates.items() if k.startswith("eval")}, "eval plain (NCHW fp32)")
     for name, row in result.get("end_to_end", {}).items():
         plain = result["end_to_end"]["plain"]
+        rows.append(("main.py", f"{name}: LD_PRELOAD", row["ld_preload"] or "-", ""))
         rows.append(("main.py", f"{name}: train img/s", f"{row['train_img_s']:,.1f}",
                      f"{row['train_img_s'] / plain['train_img_s']:.2f}x"))
         rows.append(("main.py", f"{name}: eval img/s (-e, incl. start-up)", f"{row['eval_img_s']:,.1f}",
                      f"{row['eval_img_s'] / plain['eval_img_s']:.2f}x"))
-        rows.append(("main.py", f"{name}: peak RSS MB (largest process)", f"{row['peak_rss_mb']:,.0f}", ""))
+        rows.append(("main.py", f"{name}: peak RSS MB (main process)", f"{row['peak_rss_mb']:,.0f}", ""))
     rows.append(("bench", "peak RSS MB", f"{result['peak_rss_mb']:,.0f}", ""))
     if result["peak_device_mb"] is not None:
         rows.append(("bench", "peak device memory MB", f"{result['peak_device_mb']:,.0f}", ""))

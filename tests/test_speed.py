@@ -1,8 +1,10 @@
 """Speed options give the results of the plain paths: torch.compile's loss trajectory, bf16 evaluation."""
+import json
 import re
 
 import pytest
 
+import bench
 from conftest import tiny_flags
 from test_main import run_main, weights
 
@@ -30,3 +32,14 @@ def test_each_pipeline_trains_and_validates_through_main(image_folder, tmp_path,
     summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--pipeline", name,
                                                  "--fast-val", "--no-checkpoint"))
     assert summary["val_images"] == 15 and summary["train_steps"] == 2
+
+
+def test_bench_runs_and_writes_its_table(tmp_path, capsys):
+    """bench.py at toy sizes (its main.py rows are main.py runs, tested above): it runs, prints and writes JSON."""
+    out = tmp_path / "bench.json"
+    bench.main(["-a", "mnasnet0_5", "--crop", "48", "--images", "4", "--train-batch", "4", "--eval-batch", "4",
+                "--steps", "1", "--repeats", "1", "--warmup-steps", "1", "--skip", "e2e", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["pipeline_img_s_per_worker"]) == 8 and len(result["step_img_s"]) == 6
+    assert all(rate > 0 for rate in result["step_img_s"].values())
+    assert "train ours" in capsys.readouterr().out
