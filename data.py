@@ -12,8 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import v2
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils import STOP_SIGNALS, UserError
 
@@ -96,7 +96,7 @@ def val_transform(resize_size, crop_size):
 
 
 # What PIL raises on a truncated, empty or foreign file (UnidentifiedImageError is an OSError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 SKIPPED_LABEL = -1
 
 
@@ -121,10 +121,10 @@ class _ClassFolder(datasets.ImageFolder):
     With ``seed`` set, each sample's augmentation is seeded by (seed, epoch, index).
     """
 
-    def __init__(self, root, classes, transform, replace_unreadable=True, seed=None):
+    def __init__(self, root, classes, transform, loader=default_loader, replace_unreadable=True, seed=None):
         self._given_classes = list(classes)
         # allow_empty: val/ may hold only some of train/'s classes; empty folders are checked by the caller.
-        super().__init__(root, transform=transform, allow_empty=True)
+        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
         self.replace_unreadable = replace_unreadable
         self.seed = seed
         self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
@@ -136,7 +136,7 @@ class _ClassFolder(datasets.ImageFolder):
     def read_error(self, index):
         """Why sample ``index`` cannot be read, or None."""
         try:
-            self.loader(self.samples[index][0])
+            self._transform(self.loader(self.samples[index][0]), 0, index)
         except UnidentifiedImageError:
             return "not an image format PIL can identify (an empty file, or another kind of file)"
         except DECODE_ERRORS as exc:
@@ -145,18 +145,20 @@ class _ClassFolder(datasets.ImageFolder):
 
     def __getitem__(self, item):
         epoch, index = _split_item(item)
+        unscored = False
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             path, target = self.samples[candidate]
             try:
-                image = self.loader(path)
+                # The fast pipelines decode inside the transform, so both are guarded.
+                sample = self._transform(self.loader(path), epoch, index)
             except DECODE_ERRORS:
                 self.unreadable[candidate] = True
                 self.skip_events += 1
-                if self.replace_unreadable:
-                    continue
-                image, target = Image.new("RGB", (1, 1)), SKIPPED_LABEL
-            return self._transform(image, epoch, index), target
+                # Validation: the next readable image keeps the batch's shape and type, but is not scored.
+                unscored = unscored or not self.replace_unreadable
+                continue
+            return sample, SKIPPED_LABEL if unscored else target
         raise UserError(f"no image in {self.root} can be read")
 
     def _transform(self, image, epoch, index):
@@ -196,10 +198,11 @@ def _check_no_empty_class(ds, folder, class_dirs):
                         f"{shown}")
 
 
-def image_folders(data_dir, train_tf, val_tf, seed=None):
+def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader)):
     """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
 
-    ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder."""
+    ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder.
+    ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
@@ -211,9 +214,9 @@ def image_folders(data_dir, train_tf, val_tf, seed=None):
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {train_dir} lacks: {shown}")
     sets = []
-    for folder, class_dirs, tf, is_train in ((train_dir, classes, train_tf, True),
-                                            (val_dir, val_classes, val_tf, False)):
-        ds = _ClassFolder(folder, classes, tf, replace_unreadable=is_train, seed=seed if is_train else None)
+    for folder, class_dirs, tf, loader, is_train in ((train_dir, classes, train_tf, loaders[0], True),
+                                                    (val_dir, val_classes, val_tf, loaders[1], False)):
+        ds = _ClassFolder(folder, classes, tf, loader, replace_unreadable=is_train, seed=seed if is_train else None)
         if not ds.samples:
             raise UserError(f"no images found in the class folders of {folder} "
                             f"(looked for {', '.join(IMG_EXTENSIONS)})")
@@ -396,7 +399,7 @@ def _ignore_stop_signals(worker_id):
 
 
 def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop_last=False,
-                 pin_memory=False, seed=None):
+                 pin_memory=False, seed=None, collate_fn=None):
     # With a seeded generator the shuffle order is reproducible, and so are the worker seeds: the
     # DataLoader derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -411,4 +414,5 @@ def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop
         persistent_workers=workers > 0,
         generator=generator,
         worker_init_fn=_ignore_stop_signals,
+        collate_fn=collate_fn,
     )

@@ -7,7 +7,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import SKIPPED_LABEL
 from utils import STOP_SIGNALS, Average, MetricSums, interactive
 
 
@@ -73,12 +72,6 @@ class ThroughputMeter:
         return 1000.0 * self.seconds / self.steps if self.steps else float("nan")
 
 
-def _to_device(images, target, runtime):
-    images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
-    target = target.to(runtime.device, dtype=runtime.label_dtype, non_blocking=True)
-    return images, target
-
-
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
                     throughput, stop, start_step=0, ema=None, mix=None):
     """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
@@ -90,6 +83,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     with one (which skips overflowing steps while it lowers the scale), ``args.max_nonfinite_steps`` in a row.
     ``mix`` (MixUp/CutMix) turns a batch's labels into soft targets for the loss; accuracy is still scored
     against each image's own label. ``ema`` is updated every ``args.model_ema_steps`` steps.
+    ``loader`` yields batches already on the device (prefetch.DeviceLoader).
     """
     model.train()
     steps = start_step + len(loader)
@@ -113,7 +107,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         if step >= steps:
             break
         interval_data += time.perf_counter() - last_step_end
-        images, labels = _to_device(images, target, runtime)
+        labels = target
         images, target = mix(images, labels) if mix is not None else (images, labels)
         with precision.autocast():
             output = model(images)
@@ -203,13 +197,9 @@ def evaluate(model, criterion, precision, loader, runtime, args, log, stop, name
     for step, (images, target) in enumerate(loader):
         if stop.requested(runtime, sync_point=False):
             return None
-        readable = target != SKIPPED_LABEL
-        if not readable.all():
-            images, target = images[readable], target[readable]
-            if not len(target):
-                continue
-        images, target = _to_device(images, target, runtime)
-        with precision.autocast():
+        if not len(target):
+            continue  # every image of the batch was unreadable (prefetch.ToDevice drops them)
+        with precision.eval_autocast():
             output = model(images)
             loss = criterion(output, target)
         sums.update(loss.float(), output.float(), target)

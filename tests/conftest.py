@@ -51,3 +51,9 @@ def tiny_flags(output_dir, *extra):
             "--val-crop-size", "48", "-b", "8", "--lr", "0.01", "--wd", "1e-5", "--bn-momentum", "0.3",
             "--min-crop-scale", "0.5", "--print-freq", "2",
             "--fps-warmup-steps", "1", "--output-dir", str(output_dir), *extra]
+
+
+def pytest_configure(config):
+    # pipeline.py silences this for runs; pytest resets warning filters per test.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")

@@ -110,7 +110,7 @@ def test_batch_mix_gives_soft_targets():
 def test_paper_recipe_flags_train(image_folder, tmp_path):
     summary = run_main(image_folder, *tiny_flags(
         tmp_path, "--epochs", "1", "--max-steps", "2", "--opt", "rmsprop", "--lr-scheduler", "exponential",
-        "--auto-augment", "ra", "--random-erase", "0.2", "--mixup", "0.2", "--cutmix", "1.0", "--no-checkpoint"))
+        "--pipeline", "standard", "--auto-augment", "ra", "--random-erase", "0.2", "--mixup", "0.2", "--cutmix", "1.0", "--no-checkpoint"))
     assert math.isfinite(summary["train_loss"]) and 0 <= summary["train_acc1"] <= 100
 
 
