@@ -327,18 +327,8 @@ def train(local_rank, args, stop):
 
     start_epoch, start_step, best_acc1, resumed_rng = 0, 0, 0.0, None
     if args.resume:
-        state = checkpoint.load_file(args.resume)
-        checkpoint.load_model_weights(model_without_ddp, state, args.arch, args.resume)
-        if not args.evaluate:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            precision.load_state_dict(state.get("precision", {}))
-            if ema is not None and "model_ema" in state:
-                ema.load_state_dict(state["model_ema"])
-            start_epoch, start_step, best_acc1 = state["epoch"], state.get("step", 0), state["best_acc1"]
-            resumed_rng = resumed_rng_state(state, runtime, log)
-        log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
-                 f"best Acc@1 {state.get('best_acc1')})")
+        start_epoch, start_step, best_acc1, resumed_rng = resume(args, model_without_ddp, optimizer, scheduler,
+                                                                 precision, ema, runtime, log)
     if args.start_epoch is not None:
         start_epoch, start_step = args.start_epoch, 0
 
@@ -458,6 +448,24 @@ def train(local_rank, args, stop):
     log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
+
+
+def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
+    """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
+    stopped. Returns (epoch, step, best Acc@1, RNG state to restore mid-epoch)."""
+    state = checkpoint.load_file(args.resume)
+    checkpoint.load_model_weights(model, state, args.arch, args.resume)
+    where = (0, 0, 0.0, None)
+    if not args.evaluate:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("precision", {}))
+        if ema is not None and "model_ema" in state:
+            ema.load_state_dict(state["model_ema"])
+        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log))
+    log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
+             f"best Acc@1 {state.get('best_acc1')})")
+    return where
 
 
 def resumed_rng_state(state, runtime, log):
