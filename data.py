@@ -198,11 +198,9 @@ def _check_no_empty_class(ds, folder, class_dirs):
                         f"{shown}")
 
 
-def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader)):
-    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
-
-    ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder.
-    ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
+def check_layout(data_dir):
+    """The folder-level checks of a data set (no file is listed, so it is quick on ImageNet's 1.28M images):
+    ((train/, its classes), (val/, its classes)), or a UserError naming what is wrong."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
@@ -213,6 +211,15 @@ def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {train_dir} lacks: {shown}")
+    return (train_dir, classes), (val_dir, val_classes)
+
+
+def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader)):
+    """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
+
+    ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder.
+    ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
+    (train_dir, classes), (val_dir, val_classes) = check_layout(data_dir)
     sets = []
     for folder, class_dirs, tf, loader, is_train in ((train_dir, classes, train_tf, loaders[0], True),
                                                     (val_dir, val_classes, val_tf, loaders[1], False)):

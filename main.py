@@ -197,7 +197,7 @@ def check_args(args):
         args.data_dir = data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     else:
         args.data_dir = args.data
-        data.image_folders(args.data_dir, None, None)
+        data.check_layout(args.data_dir)
 
     try:
         os.makedirs(args.output_dir, exist_ok=True)
