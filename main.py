@@ -332,11 +332,7 @@ def train(local_rank, args, stop):
     if args.start_epoch is not None:
         start_epoch, start_step = args.start_epoch, 0
 
-    summary = {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
-               "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None,
-               "train_acc1": None, "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None,
-               "train_skipped_images": 0, "val_skipped_images": 0, "skipped_steps": 0, "stopped": None,
-               "history": []}
+    summary = new_summary(args, runtime)
     if args.evaluate:
         result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
         if result is None:
@@ -404,23 +400,19 @@ def train(local_rank, args, stop):
                      f"{train_stats['skipped_steps']} steps skipped (non-finite gradients)")
         if train_stats["stopped"]:
             stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
-        acc1, val_stats, ema_stats = None, {}, {}
+        val_stats, ema_stats = {}, {}
         if not args.no_val:
-            runtime.broadcast_buffers(model_without_ddp)
-            val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
-            if val_stats is None:
+            scored = validate(model, model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log,
+                              stop)
+            if scored is None:
                 stop_run(stop.name, epoch, train_stats["steps_done"])
-            acc1 = val_stats["acc1"]
-            summary.update(val_loss=val_stats["loss"], val_acc1=acc1, val_acc5=val_stats["acc5"],
+            val_stats, ema_stats = scored
+            summary.update(val_loss=val_stats["loss"], val_acc1=val_stats["acc1"], val_acc5=val_stats["acc5"],
                            val_images=val_stats["count"], val_skipped_images=val_stats["skipped_images"])
-            if ema is not None:
-                runtime.broadcast_buffers(ema)
-                ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, stop,
-                                            name="EMA")
-                if ema_stats is None:
-                    stop_run(stop.name, epoch, train_stats["steps_done"])
+            if ema_stats:
                 summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
                                ema_val_acc5=ema_stats["acc5"])
+        acc1 = val_stats.get("acc1")
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1, "train_skipped_images": train_stats["skipped_images"],
                                    "skipped_steps": train_stats["skipped_steps"]})
@@ -448,6 +440,18 @@ def train(local_rank, args, stop):
     log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
+
+
+def validate(model, model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
+    """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
+    run was asked to stop. BatchNorm statistics come from rank 0 first, so every rank scores what rank 0 saves."""
+    runtime.broadcast_buffers(model_without_ddp)
+    val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
+    if val_stats is None or ema is None:
+        return None if val_stats is None else (val_stats, {})
+    runtime.broadcast_buffers(ema)
+    ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
+    return None if ema_stats is None else (val_stats, ema_stats)
 
 
 def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
@@ -478,6 +482,14 @@ def resumed_rng_state(state, runtime, log):
                         "this epoch draws other random numbers than the interrupted run would have")
         return None
     return saved[runtime.rank]
+
+
+def new_summary(args, runtime):
+    """The run's figures, filled in as it goes and written by --summary-json (the test/ launchers read it)."""
+    return {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
+            "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
+            "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
+            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": []}
 
 
 def write_summary(summary, throughput, run_start, runtime, args, log):
