@@ -174,7 +174,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
 
 def _global_means(sums, runtime, skipped_images):
     """Global means, image count and unreadable images skipped, all ranks together."""
-    local = torch.tensor([float(sums.count), float(skipped_images)], dtype=torch.float64, device=runtime.device)
+    local = torch.tensor([float(sums.count), float(skipped_images)], dtype=torch.float32, device=runtime.device)
     loss_sum, top1, top5, count, skipped = runtime.all_reduce_sum(torch.cat([sums.sums, local])).tolist()
     result = {"loss": float("nan"), "acc1": float("nan"), "acc5": float("nan"), "count": int(count),
               "skipped_images": int(skipped)}
