@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+import data
 import main
 from conftest import ROOT, tiny_flags
 
@@ -184,3 +185,13 @@ def test_bf16_evaluation_scores_like_fp32(trained, image_folder, tmp_path):
     assert scores["amp"]["val_acc1"] == scores["fp32"]["val_acc1"]
     # bf16 keeps 8 bits of mantissa: through ~50 layers the loss moves by a few percent, the ranking does not.
     assert scores["amp"]["val_loss"] == pytest.approx(scores["fp32"]["val_loss"], rel=0.05)
+
+
+def test_demo_defaults_apply_only_without_data():
+    demo = main.parse_args([])
+    assert all(getattr(demo, key) == value for key, value in data.DEMO_DEFAULTS.items())
+    explicit = main.parse_args(["--epochs", "2", "-a", "mnasnet1_3"])
+    assert (explicit.epochs, explicit.arch, explicit.lr) == (2, "mnasnet1_3", data.DEMO_DEFAULTS["lr"])
+    for argv in (["/data/imagenet"], ["--dummy"]):
+        args = main.parse_args(argv)
+        assert (args.arch, args.epochs, args.lr, args.train_crop_size) == ("mnasnet1_0", 90, 0.1, 224)
