@@ -6,7 +6,7 @@
 1. input pipeline: images/s of one worker (one thread) per decode option, on generated photo-like JPEGs
    (300-500 px, one in eight 1000-2000 px, as ImageNet);
 2. training and eval step images/s on synthetic batches: ours (channels_last where the device layer picks it,
-   no per-step host sync, bf16 eval with --amp on CPU) against a plain loop (NCHW, ``.item()`` every step),
+   no per-step host sync, BatchNorm folded for eval, bf16 eval with --amp on CPU) against a plain loop (NCHW, ``.item()`` every step),
    interleaved in one process so that both see the same machine load; the ratio of medians;
 3. end to end: main.py on a generated image folder, training and ``-e`` evaluation, ours vs plain flags;
 4. peak RSS (this process, and the largest main.py process) and peak device memory.
@@ -31,6 +31,7 @@ from PIL import Image
 
 import data
 import device
+import engine
 import mnasnet
 import pipeline
 from utils import MetricSums
@@ -145,9 +146,9 @@ def step_rates(runtime, args):
         run(args.warmup_steps)  # oneDNN primitives, allocator caches, compilation: the first steps are slow
         return run
 
-    def evaluate(memory_format, autocast):
+    def evaluate(memory_format, autocast, fuse_bn=False):
         x = eval_x.contiguous(memory_format=memory_format)
-        net = copy.deepcopy(model).to(memory_format=memory_format).eval()
+        net = engine.inference_model(copy.deepcopy(model).to(memory_format=memory_format), fuse_bn).eval()
 
         @torch.no_grad()
         def run(steps=args.steps):
@@ -178,9 +179,9 @@ def step_rates(runtime, args):
     if args.compile:
         runs["train ours + torch.compile"] = train(ours_format, ours_precision, False, compiled=True)
     runs["eval plain (NCHW fp32)"] = evaluate(nchw, fp32.autocast)
-    runs["eval ours fp32"] = evaluate(ours_format, fp32.autocast)
+    runs["eval ours fp32"] = evaluate(ours_format, fp32.autocast, fuse_bn=True)
     if args.amp:
-        runs["eval ours --amp"] = evaluate(ours_format, amp.eval_autocast)
+        runs["eval ours --amp"] = evaluate(ours_format, amp.eval_autocast, fuse_bn=True)
     return interleaved(runs, args.repeats)
 
 
@@ -191,7 +192,7 @@ def end_to_end(folder, args, tmp):
              "--val-resize-size", str(args.crop * 8 // 7), "-j", str(args.workers), "--print-freq", "1000",
              "--fps-warmup-steps", str(args.warmup_steps)]
     variants = {"ours": ["--amp"] if args.amp else [],
-                "plain": ["--pipeline", "standard", "--memory-format", "contiguous"]}
+                "plain": ["--pipeline", "standard", "--memory-format", "contiguous", "--no-fuse-bn"]}
     # Ours runs as the test/ launchers run it (with a fast allocator where one is installed), plain without one.
     allocator = fast_allocator() if args.device == "cpu" else None
     environments = {"ours": {**os.environ, "LD_PRELOAD": allocator} if allocator else dict(os.environ),

@@ -108,6 +108,8 @@ def build_parser():
     group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model (CUDA, CPU); BACKEND defaults to inductor")
+    group.add_argument("--fuse-bn", default=True, action=argparse.BooleanOptionalAction,
+                       help="validate a copy with BatchNorm folded into the convolutions (faster, same function)")
     group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                        help="auto: channels_last on CUDA and CPU, contiguous on NPU")
 
@@ -175,6 +177,8 @@ def check_args(args):
     args.device_kind = device.resolve_device_kind(args.device)
     if args.sync_bn and args.device_kind == "cpu":
         raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+    if args.amp and args.amp_backend == "apex":
+        args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
     if args.compile and args.device_kind == "npu":
         raise UserError("--compile: torch.compile on NPU needs Ascend's torchair backend, which this project "
                         "does not drive; leave --compile off on NPU")
@@ -334,7 +338,8 @@ def train(local_rank, args, stop):
 
     summary = new_summary(args, runtime)
     if args.evaluate:
-        result = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
+        result = engine.evaluate(engine.inference_model(model_without_ddp, args.fuse_bn), criterion, precision,
+                                 val_loader, runtime, args, log, stop)
         if result is None:
             log.info(f"=> stopped by {stop.name} during validation")
             raise SystemExit(128 + stop.signum)
@@ -402,8 +407,7 @@ def train(local_rank, args, stop):
             stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
         val_stats, ema_stats = {}, {}
         if not args.no_val:
-            scored = validate(model, model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log,
-                              stop)
+            scored = validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop)
             if scored is None:
                 stop_run(stop.name, epoch, train_stats["steps_done"])
             val_stats, ema_stats = scored
@@ -442,15 +446,17 @@ def train(local_rank, args, stop):
     write_summary(summary, throughput, run_start, runtime, args, log)
 
 
-def validate(model, model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
+def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
     """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
     run was asked to stop. BatchNorm statistics come from rank 0 first, so every rank scores what rank 0 saves."""
     runtime.broadcast_buffers(model_without_ddp)
-    val_stats = engine.evaluate(model, criterion, precision, val_loader, runtime, args, log, stop)
+    val_stats = engine.evaluate(engine.inference_model(model_without_ddp, args.fuse_bn), criterion, precision,
+                                val_loader, runtime, args, log, stop)
     if val_stats is None or ema is None:
         return None if val_stats is None else (val_stats, {})
     runtime.broadcast_buffers(ema)
-    ema_stats = engine.evaluate(ema, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
+    ema_stats = engine.evaluate(engine.inference_model(ema, args.fuse_bn), criterion, precision, val_loader,
+                                runtime, args, log, stop, name="EMA")
     return None if ema_stats is None else (val_stats, ema_stats)
 
 

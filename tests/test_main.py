@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import data
+import engine
 import main
 from conftest import ROOT, tiny_flags
 
@@ -195,3 +196,23 @@ def test_demo_defaults_apply_only_without_data():
     for argv in (["/data/imagenet"], ["--dummy"]):
         args = main.parse_args(argv)
         assert (args.arch, args.epochs, args.lr, args.train_crop_size) == ("mnasnet1_0", 90, 0.1, 224)
+
+
+def test_bn_folded_validation_scores_like_the_trained_model(trained, image_folder, tmp_path):
+    """Validation runs a copy with BatchNorm folded into the convolutions: same outputs, same scores."""
+    output_dir, _ = trained
+    weights_path = str(output_dir / "checkpoint.pth.tar")
+    scores = {flag: run_main(image_folder, *tiny_flags(tmp_path / flag, "-e", "--pretrained", weights_path, flag))
+              for flag in ("--fuse-bn", "--no-fuse-bn")}
+    assert scores["--fuse-bn"]["val_acc1"] == scores["--no-fuse-bn"]["val_acc1"]
+    assert scores["--fuse-bn"]["val_loss"] == pytest.approx(scores["--no-fuse-bn"]["val_loss"], rel=1e-4)
+
+    model = torchvision.models.mnasnet0_5(num_classes=3)
+    model.load_state_dict(weights(weights_path))
+    model.train()
+    folded = engine.inference_model(model, fuse_bn=True)
+    assert model.training  # the trained model is left as it was
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
