@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import device
+import mnasnet
 from utils import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -177,8 +178,6 @@ def load_model(path, arch=None):
     The arch comes from the file when it names one; torchvision's bare state dicts need ``arch``. Returns
     (model, the loaded file's content).
     """
-    import mnasnet
-
     obj = load_file(path)
     saved_arch = obj.get("arch") if isinstance(obj, dict) else None
     arch = arch or saved_arch

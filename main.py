@@ -279,7 +279,6 @@ def main_worker(local_rank, args):
 def train(local_rank, args, stop):
     run_start = time.perf_counter()
     runtime = device.setup_runtime(args, local_rank)
-    os.makedirs(args.output_dir, exist_ok=True)
     log = setup_logging(args.output_dir, args.log_file, runtime.rank)
     if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
         # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
