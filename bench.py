@@ -122,7 +122,7 @@ def step_rates(runtime, args):
 
     def train(memory_format, precision, host_sync, compiled=False):
         net = copy.deepcopy(model).to(memory_format=memory_format)
-        net = torch.compile(net) if compiled else net
+        net = torch.compile(net, backend=args.compile_backend) if compiled else net
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
         x = train_x.contiguous(memory_format=memory_format)
         sums = MetricSums(dev)
@@ -146,9 +146,10 @@ def step_rates(runtime, args):
         run(args.warmup_steps)  # oneDNN primitives, allocator caches, compilation: the first steps are slow
         return run
 
-    def evaluate(memory_format, autocast, fuse_bn=False):
+    def evaluate(memory_format, autocast, fuse_bn=False, compile_backend=None):
         x = eval_x.contiguous(memory_format=memory_format)
-        net = engine.inference_model(copy.deepcopy(model).to(memory_format=memory_format), fuse_bn).eval()
+        net = engine.inference_model(copy.deepcopy(model).to(memory_format=memory_format).eval(), fuse_bn,
+                                     compile_backend)
 
         @torch.no_grad()
         def run(steps=args.steps):
@@ -182,6 +183,9 @@ def step_rates(runtime, args):
     runs["eval ours fp32"] = evaluate(ours_format, fp32.autocast, fuse_bn=True)
     if args.amp:
         runs["eval ours --amp"] = evaluate(ours_format, amp.eval_autocast, fuse_bn=True)
+    ours_autocast = amp.eval_autocast if args.amp else fp32.autocast
+    runs[f"eval ours{' --amp' if args.amp else ''} --compile"] = evaluate(ours_format, ours_autocast, fuse_bn=True,
+                                                                        compile_backend=args.compile_backend)
     return interleaved(runs, args.repeats)
 
 
@@ -245,7 +249,10 @@ def main(argv=None):
     parser.add_argument("-a", "--arch", default="mnasnet1_0", choices=sorted(mnasnet.ARCHS))
     parser.add_argument("--crop", default=224, type=int)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile training row")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a torch.compile training row (minutes to compile on a small CPU; the compiled "
+                             "eval row is always there)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for those rows")
     parser.add_argument("--train-batch", default=32, type=int)
     parser.add_argument("--eval-batch", default=64, type=int)
     parser.add_argument("--steps", default=3, type=int, help="timed steps per repeat")
@@ -339,5 +346,20 @@ def print_table(result):
         print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
+def preload_fast_allocator():
+    """Run this benchmark under tcmalloc or jemalloc (re-executing itself), as the test/ launchers run main.py.
+
+    Both loops of a step row share this process's allocator. glibc's, with several models' activations
+    interleaved, unmaps and faults in tens of MB per step in a pattern that depends on the order of the rows
+    (the plain training loop measured 16.6 img/s here in-process, 21-22 in a process of its own), so rows under
+    glibc compare the allocator's luck as much as the loops. The main.py plain rows still run without it.
+    """
+    allocator = fast_allocator()
+    if allocator and allocator not in os.environ.get("LD_PRELOAD", ""):
+        preload = ":".join(filter(None, [allocator, os.environ.get("LD_PRELOAD")]))
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": preload})
+
+
 if __name__ == "__main__":
+    preload_fast_allocator()
     main()

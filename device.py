@@ -274,7 +274,8 @@ class Precision:
 
     The loops call ``autocast()``, ``step(loss, optimizer)`` and, for checkpoints, ``state_dict()``; which
     engine is behind them is chosen once in ``build_precision``. ``step`` returns whether the weights were
-    updated: a step whose gradients are not finite is skipped, so the weights stay those of the last good step.
+    updated (a bool, or a bool tensor on the device where a loss scaler decides): a step whose gradients are not
+    finite is skipped, so the weights stay those of the last good step.
     """
 
     name = "fp32"
@@ -342,10 +343,11 @@ class NativeAmp(Precision):
         if not self.has_scaler:
             return super().optimizer_step(optimizer)
         self.scaler.step(optimizer)
-        scale = self.scaler.get_scale()
-        self.scaler.update()
         # The scaler skips a step with inf/NaN gradients and lowers its scale; it never lowers it otherwise.
-        return self.scaler.get_scale() >= scale
+        # The scales are compared on the device: get_scale() would stall the host twice a step.
+        scale = self.scaler._get_scale_async().clone()
+        self.scaler.update()
+        return self.scaler._get_scale_async() >= scale
 
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
@@ -398,7 +400,10 @@ def build_optimizer(kind, params, args):
     if args.amp and args.amp_backend == "apex" and kind == "npu":
         from apex.optimizers import NpuFusedSGD
         return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    # CUDA's fused SGD also takes the loss scaler's inf check on the device, where the unfused step reads it
+    # on the host (GradScaler.step syncs once a step for it).
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                           fused=kind == "cuda")
 
 
 def build_precision(kind, model, optimizer, args):

@@ -119,6 +119,30 @@ class MetricSums:
         return count, loss_sum / count, 100.0 * top1 / count, 100.0 * top5 / count
 
 
+class SkippedSteps:
+    """Optimizer steps skipped for non-finite gradients: the total, and the longest run of them in a row.
+
+    ``add`` takes each step's verdict: a bool, or from a loss scaler a bool tensor on the device, which is
+    counted there (tensors and ints mix in the same arithmetic), so the scaler's verdict costs no host sync
+    until ``total()`` or ``longest_run()`` reads it.
+    """
+
+    def __init__(self):
+        self._total = self._run = self._longest = 0
+
+    def add(self, applied):
+        skipped = (~applied).int() if torch.is_tensor(applied) else int(not applied)
+        self._total = self._total + skipped
+        self._run = (self._run + skipped) * skipped
+        self._longest = self._longest + (self._run > self._longest) * (self._run - self._longest)
+
+    def total(self):
+        return int(self._total)
+
+    def longest_run(self):
+        return int(self._longest)
+
+
 class Average:
     """A host-side running mean weighted by counts."""
 

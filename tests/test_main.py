@@ -216,3 +216,26 @@ def test_bn_folded_validation_scores_like_the_trained_model(trained, image_folde
     x = torch.randn(4, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, image_folder, tmp_path):
+    """--compile validates a copy compiled with inductor's freezing (weights baked in as constants): the same
+    scores as eager, and a later validation compiles the weights of its own time, not the first ones."""
+    output_dir, _ = trained
+    weights_path = str(output_dir / "checkpoint.pth.tar")
+    scores = {name: run_main(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained", weights_path, "--amp",
+                                                          *extra))
+              for name, extra in (("eager", []), ("compiled", ["--compile"]))}
+    assert scores["compiled"]["val_acc1"] == scores["eager"]["val_acc1"]
+    assert scores["compiled"]["val_loss"] == pytest.approx(scores["eager"]["val_loss"], rel=1e-2)
+
+    model = torchvision.models.mnasnet0_5(num_classes=3)
+    model.load_state_dict(weights(weights_path))
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        first = engine.inference_model(model, fuse_bn=False, compile_backend="inductor")(x)
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+        second = engine.inference_model(model, fuse_bn=False, compile_backend="inductor")(x)
+        torch.testing.assert_close(second, model.eval()(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-2)

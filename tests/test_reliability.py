@@ -21,6 +21,7 @@ import engine
 import main
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main, weights
+from utils import SkippedSteps
 
 
 def _save(path, mode, fmt):
@@ -289,6 +290,22 @@ def test_amp_counts_and_shows_skipped_steps(image_folder, tmp_path, monkeypatch,
     assert summary["skipped_steps"] == 3 and [h["skipped_steps"] for h in summary["history"]] == [2, 1]
     log = (tmp_path / "train.log").read_text()
     assert "\tSkipped 2" in log and "=> epoch 1: 0 unreadable images replaced, 1 steps skipped" in log
+
+
+def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch, cpu_loss_scaler):
+    """Skipped steps are counted on the device: no host sync per step (get_scale() would make two)."""
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs the host"))
+    precision = device.NativeAmp("cpu", "dynamic")
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    skipped = SkippedSteps()
+    for bad in (False, True, True, False, True):
+        verdict = precision.step((weight * (float("nan") if bad else 1.0)).sum(), optimizer)
+        assert torch.is_tensor(verdict) and bool(verdict) == (not bad)
+        skipped.add(verdict)
+    skipped.add(True)  # a bool verdict (fp32) counts alike
+    assert (skipped.total(), skipped.longest_run()) == (3, 2)
+    assert torch.isfinite(weight).all() and not torch.equal(weight, torch.ones(3))
 
 
 def test_amp_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkeypatch, cpu_loss_scaler, capsys):
