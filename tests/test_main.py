@@ -223,9 +223,11 @@ def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, ima
     scores as eager, and a later validation compiles the weights of its own time, not the first ones."""
     output_dir, _ = trained
     weights_path = str(output_dir / "checkpoint.pth.tar")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     scores = {name: run_main(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained", weights_path, "--amp",
                                                           *extra))
               for name, extra in (("eager", []), ("compiled", ["--compile"]))}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     assert scores["compiled"]["val_acc1"] == scores["eager"]["val_acc1"]
     assert scores["compiled"]["val_loss"] == pytest.approx(scores["eager"]["val_loss"], rel=1e-2)
 
