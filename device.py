@@ -400,10 +400,10 @@ def build_optimizer(kind, params, args):
     if args.amp and args.amp_backend == "apex" and kind == "npu":
         from apex.optimizers import NpuFusedSGD
         return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
-    # CUDA's fused SGD also takes the loss scaler's inf check on the device, where the unfused step reads it
-    # on the host (GradScaler.step syncs once a step for it).
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                           fused=kind == "cuda")
+    # CUDA's fused SGD also takes the native loss scaler's inf check on the device, where the unfused step reads
+    # it on the host (GradScaler.step syncs once a step for it). Apex wraps optimizers its own way: left unfused.
+    fused = kind == "cuda" and not (args.amp and args.amp_backend == "apex")
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=fused)
 
 
 def build_precision(kind, model, optimizer, args):

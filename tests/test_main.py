@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import data
+import device
 import engine
 import main
 from conftest import ROOT, tiny_flags
@@ -241,3 +242,31 @@ def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, ima
         second = engine.inference_model(model, fuse_bn=False, compile_backend="inductor")(x)
         torch.testing.assert_close(second, model.eval()(x), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(first, second, atol=1e-2)
+
+
+def test_sgd_is_fused_on_cuda_unless_apex_wraps_it():
+    args = main.parse_args(["--dummy"])
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert device.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+    assert not device.build_optimizer("cpu", params, args).param_groups[0]["fused"]
+    args.amp, args.amp_backend = True, "apex"
+    assert not device.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+
+
+def test_a_cuda_checkpoint_resumes_with_this_devices_optimizer_kernels(trained, image_folder, tmp_path, monkeypatch):
+    """The saved optimizer state says fused=True on CUDA; resumed elsewhere, the steps run this device's kernels."""
+    output_dir, _ = trained
+    state = torch.load(output_dir / "checkpoint.pth.tar", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True
+    torch.save(state, tmp_path / "cuda.pth.tar")
+    fused_steps = []
+    original = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        fused_steps.append(self.param_groups[0]["fused"])
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    run_main(image_folder, *tiny_flags(tmp_path / "run", "--resume", str(tmp_path / "cuda.pth.tar"), "--epochs",
+                                        str(state["epoch"] + 1), "--no-val", "--no-checkpoint"))
+    assert fused_steps and not any(fused_steps)
