@@ -191,10 +191,11 @@ def inference_model(model, fuse_bn, compile_backend=None):
 
     With ``compile_backend``, that copy (or a traced one) compiled by torch.compile. Under inductor, its
     ``freezing`` makes the weights constants of the graph, folded and pre-packed for the convolution kernels:
-    bf16 evaluation 2.3x faster again on the CPU (bench.py). Dynamo reads the setting when it traces, at the first
+    bf16 evaluation 2.4x faster again on the CPU (bench.py). Dynamo reads the setting when it traces, at the first
     call, so it is set for the whole process; it only touches graphs traced without autograd, so the training
-    model is compiled as before. Each call traces a new copy, with new code, so each validation compiles
-    the weights of its own time (dynamo also guards frozen weights by identity).
+    model is compiled as before. Each call traces a new copy, with new code, so a later call compiles the
+    weights of its own time (dynamo also guards frozen weights by identity), but torch 2.14 does not free a
+    frozen compile's weights: main.py compiles only for ``-e``, which evaluates once.
     """
     model = getattr(model, "module", model)  # DDP, or swa_utils.AveragedModel for the EMA
     if fuse_bn:
