@@ -139,6 +139,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             now = time.perf_counter()
             seconds_per_step = (now - interval_start) / interval_steps
             count, loss_value, top1, top5 = interval.pull()
+            skipped_steps = skipped.total()
             step_time.add(seconds_per_step, interval_steps)
             data_time.add(interval_data / interval_steps, interval_steps)
             loss_avg.add(loss_value, count)
@@ -154,7 +155,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
                      f"Acc@1 {top1:6.2f} ({top1_avg.mean:6.2f})\t"
                      f"Acc@5 {top5:6.2f} ({top5_avg.mean:6.2f})\t"
                      f"FPS {step_fps:.2f} ({mean_fps:.2f})"
-                     + (f"\tSkipped {skipped.total()}" if skipped.total() else ""))
+                     + (f"\tSkipped {skipped_steps}" if skipped_steps else ""))
             interval_start = time.perf_counter()
             interval_steps, interval_data = 0, 0.0
         if stopped:

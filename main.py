@@ -469,7 +469,8 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     checkpoint.load_model_weights(model, state, args.arch, args.resume)
     where = (0, 0, 0.0, None)
     if not args.evaluate:
-        kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
+        kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
+                   for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
         for group, chosen in zip(optimizer.param_groups, kernels):
             group.update(chosen)  # which kernels run is this device's choice, not the saved run's (fused: CUDA)
