@@ -30,13 +30,17 @@ def plain_args(args):
     return plain
 
 
+TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pth.tar"
+
+
 def _atomic_write(write, path):
     """Write to a temporary file in the target folder, flush it to disk, then rename over ``path``.
 
-    A crash (or kill -9) mid-write leaves the previous file untouched.
+    A crash (or kill -9) mid-write leaves the previous file untouched, and the temporary file behind for
+    ``remove_interrupted_writes`` to clear at the next start.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -55,13 +59,9 @@ def save_checkpoint(state, is_best, output_dir, best=None):
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     try:
         _atomic_write(lambda handle: torch.save(state, handle), path)
-        if is_best and best is not None:
-            _atomic_write(lambda handle: torch.save(best, handle), os.path.join(output_dir, BEST_NAME))
-        elif is_best:
-            def copy(handle):
-                with open(path, "rb") as source:
-                    shutil.copyfileobj(source, handle)
-            _atomic_write(copy, os.path.join(output_dir, BEST_NAME))
+        if is_best:
+            _atomic_write(lambda handle: torch.save(state if best is None else best, handle),
+                          os.path.join(output_dir, BEST_NAME))
     except OSError as exc:
         raise UserError(f"cannot write checkpoint in {output_dir}: {exc.strerror or exc}") from None
     return path
@@ -93,6 +93,15 @@ def estimated_size(model):
     """Bytes of a checkpoint of ``model`` with SGD momentum: its state dict and a buffer per parameter."""
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return state_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def remove_interrupted_writes(output_dir):
+    """Delete the temporary files of checkpoint writes that were killed before their rename; their paths."""
+    stale = [os.path.join(output_dir, name) for name in sorted(os.listdir(output_dir))
+             if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def check_free_space(output_dir, model):

@@ -321,6 +321,8 @@ def train(local_rank, args, stop):
         model = torch.compile(model, backend=args.compile)
 
     if runtime.is_main and not (args.no_checkpoint or args.evaluate):
+        for path in checkpoint.remove_interrupted_writes(args.output_dir):
+            log.info(f"=> removed {path}, left by a checkpoint write that was killed")
         checkpoint.check_free_space(args.output_dir, model_without_ddp)
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)

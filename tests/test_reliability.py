@@ -236,7 +236,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=ROOT, out=str(tmp_path))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
@@ -244,6 +244,11 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     proc.wait()
     state = checkpoint.load_file(str(tmp_path / checkpoint.CHECKPOINT_NAME))
     assert state["epoch"] == 1 and torch.equal(state["state_dict"]["w"], torch.ones(1000))
+    (stale,) = tmp_path.glob(".tmp-*.pth.tar")
+
+    # The next run in that folder clears the killed write's temporary file.
+    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val"))
+    assert not stale.exists() and f"=> removed {stale}" in (tmp_path / "train.log").read_text()
 
 
 # --- non-finite losses ---
