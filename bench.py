@@ -6,10 +6,14 @@
 1. input pipeline: images/s of one worker (one thread) per decode option, on generated photo-like JPEGs
    (300-500 px, one in eight 1000-2000 px, as ImageNet);
 2. training and eval step images/s on synthetic batches: ours (channels_last where the device layer picks it,
-   no per-step host sync, BatchNorm folded for eval, bf16 eval with --amp on CPU) against a plain loop (NCHW, ``.item()`` every step),
-   interleaved in one process so that both see the same machine load; the ratio of medians;
+   no per-step host sync, BatchNorm folded for eval, bf16 eval with --amp on CPU, and eval compiled with frozen
+   weights as ``main.py -e --compile`` runs it) against a plain loop (NCHW, ``.item()`` every step), interleaved
+   in one process so that both see the same machine load; the ratio of medians;
 3. end to end: main.py on a generated image folder, training and ``-e`` evaluation, ours vs plain flags;
 4. peak RSS (this process, and the largest main.py process) and peak device memory.
+
+Run as a script, it re-executes itself under tcmalloc or jemalloc when one is installed (see
+``preload_fast_allocator``).
 """
 import argparse
 import copy
