@@ -124,8 +124,9 @@ def step_rates(runtime, args):
     amp = device.NativeAmp(runtime.kind, "dynamic")
     fp32 = device.Precision()
 
-    def train(memory_format, precision, host_sync, compiled=False):
+    def train(memory_format, precision, host_sync, compiled=False, prepare=True):
         net = copy.deepcopy(model).to(memory_format=memory_format)
+        net = precision.prepare(net) if prepare else net
         net = torch.compile(net, backend=args.compile_backend) if compiled else net
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
         x = train_x.contiguous(memory_format=memory_format)
@@ -177,10 +178,9 @@ def step_rates(runtime, args):
         "train ours": train(ours_format, ours_precision, False),
     }
     if args.amp and runtime.kind == "cpu":
-        # What --amp would train in if bf16 paid off for CPU training (it trains fp32: see device.NativeAmp).
-        bf16 = device.NativeAmp(runtime.kind, "dynamic")
-        bf16.train_enabled = True
-        runs["train ours, bf16 autocast (not used)"] = train(ours_format, bf16, False)
+        runs["train ours without --amp (fp32)"] = train(ours_format, fp32, False)
+        # What --amp would train in without device.NativeAmp.prepare: every layer bf16.
+        runs["train ours, bf16 in every layer (not used)"] = train(ours_format, ours_precision, False, prepare=False)
     if args.compile:
         runs["train ours + torch.compile"] = train(ours_format, ours_precision, False, compiled=True)
     runs["eval plain (NCHW fp32)"] = evaluate(nchw, fp32.autocast)

@@ -310,6 +310,7 @@ def train(local_rank, args, stop):
     params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
     optimizer = device.build_optimizer(runtime.kind, params, args)
     model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
+    log.info(f"=> precision: {precision.name}, memory format: {str(runtime.memory_format).replace('torch.', '')}")
     model_without_ddp = model
     ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
     if runtime.distributed:
