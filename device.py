@@ -318,7 +318,7 @@ class NativeAmp(Precision):
     """torch.amp: fp16 with a loss scaler on NPU/CUDA; on the CPU, bf16 (which needs no scaler), and only where
     the CPU computes bf16 natively (AVX512-BF16, AMX; elsewhere it stays fp32). CPU training keeps the depthwise
     convolutions in fp32 (``prepare``): bf16 inference runs 2-3x faster than fp32 there, bf16 training with
-    every layer in bf16 0.7x, with the depthwise layers in fp32 1.18x (bench.py)."""
+    every layer in bf16 0.7x, with the depthwise layers in fp32 1.16-1.18x (bench.py)."""
 
     def __init__(self, kind, loss_scale):
         self.device_type = kind
