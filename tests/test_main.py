@@ -220,8 +220,8 @@ def test_bn_folded_validation_scores_like_the_trained_model(trained, image_folde
 
 
 def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, image_folder, tmp_path):
-    """--compile validates a copy compiled with inductor's freezing (weights baked in as constants): the same
-    scores as eager, and a later validation compiles the weights of its own time, not the first ones."""
+    """-e --compile evaluates a copy compiled with inductor's freezing (weights baked in as constants): the same
+    scores as eager; and a later compile takes the weights of its own time, not the first ones."""
     output_dir, _ = trained
     weights_path = str(output_dir / "checkpoint.pth.tar")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

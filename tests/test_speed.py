@@ -82,4 +82,3 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     assert len(result["pipeline_img_s_per_worker"]) == 8 and len(result["step_img_s"]) == 8
     assert all(rate > 0 for rate in result["step_img_s"].values())
     assert "train ours" in capsys.readouterr().out
-
