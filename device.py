@@ -6,6 +6,7 @@ and the CPU (gloo) is decided here, once. The train and eval loops only call the
 import contextlib
 import datetime
 import importlib
+import inspect
 import os
 import re
 import signal
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 import recipe
 from utils import STOP_SIGNALS, UserError
@@ -196,6 +197,15 @@ class Runtime:
         if self.distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
+
+    def data_parallel(self, model):
+        """DDP without a buffer sync at every forward (``Runtime.broadcast_buffers`` gives validation rank 0's
+        BatchNorm statistics instead). torch 2.14 renamed that option ``forward_sync_buffers`` (the old name warns); older
+        torch, as Ascend's torch_npu builds ship, knows only the old name."""
+        parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+        return nn.parallel.DistributedDataParallel(model, device_ids=None if self.kind == "cpu" else [self.device],
+                                                   **{no_sync: False})
 
     def max_memory_allocated(self):
         return device_module(self.kind).max_memory_allocated(self.device) if self.kind != "cpu" else None

@@ -314,9 +314,7 @@ def train(local_rank, args, stop):
     model_without_ddp = model
     ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
     if runtime.distributed:
-        device_ids = None if runtime.kind == "cpu" else [runtime.device]
-        # Buffers are broadcast explicitly before validation instead of at every step.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        model = runtime.data_parallel(model)
     if args.compile:
         # Only the loops call the compiled wrapper; checkpoints keep model_without_ddp's plain keys.
         model = torch.compile(model, backend=args.compile)
