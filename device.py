@@ -305,8 +305,11 @@ class Precision:
     def backward(self, loss, optimizer):
         loss.backward()
 
-    def step(self, loss, optimizer):
+    def zero_grad(self, optimizer):
         optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss, optimizer):
+        self.zero_grad(optimizer)
         self.backward(loss, optimizer)
         return self.optimizer_step(optimizer)
 
@@ -338,9 +341,11 @@ class NativeAmp(Precision):
                      "bf16, depthwise convolutions fp32 in training" if self.train_enabled else
                      "fp32 (this CPU has no native bf16)")
         options = {"enabled": self.dtype == torch.float16}
-        if loss_scale != "dynamic":
-            # A fixed scale: it never grows, and only backs off when a step overflows.
-            options.update(init_scale=float(loss_scale), growth_interval=2 ** 31 - 1)
+        # A fixed scale stays fixed: the scaler still finds and skips overflowing steps, and ``optimizer_step`` hands
+        # it the same scale back at every update (GradScaler refuses a backoff factor of 1).
+        self.fixed_scale = None if loss_scale == "dynamic" else float(loss_scale)
+        if self.fixed_scale is not None:
+            options["init_scale"] = self.fixed_scale
         # Ascend documents its own GradScaler (torch.npu.amp); CUDA and CPU use torch.amp's.
         self.scaler = torch.npu.amp.GradScaler(**options) if kind == "npu" else torch.amp.GradScaler(kind, **options)
         self.has_scaler = self.scaler.is_enabled()
@@ -373,18 +378,24 @@ class NativeAmp(Precision):
         if not self.has_scaler:
             return super().optimizer_step(optimizer)
         self.scaler.step(optimizer)
-        # The scaler skips a step with inf/NaN gradients and lowers its scale; it never lowers it otherwise.
-        # The scales are compared on the device: get_scale() would stall the host twice a step.
-        scale = self.scaler._get_scale_async().clone()
-        self.scaler.update()
-        return self.scaler._get_scale_async() >= scale
+        # The scaler skipped the step if it found inf/NaN gradients. Its record of them (torch.amp's and torch_npu's
+        # scalers keep it alike until update()) is read on the device: reading it on the host would stall each step.
+        found_inf = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+        applied = sum(found_inf) == 0
+        self.scaler.update(self.fixed_scale)
+        return applied
 
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def load_state_dict(self, state):
-        if "scaler" in state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+        """A dynamic scale goes on from the checkpoint, whichever device kind wrote it; a fixed one is the command
+        line's. Only the scale and its growth count are taken over: the settings are this run's, and torch_npu's
+        GradScaler saves (and requires on loading) a "dynamic" flag that torch.amp's lacks."""
+        if "scaler" in state and self.scaler.is_enabled() and self.fixed_scale is None:
+            saved = state["scaler"]
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": saved["scale"],
+                                         "_growth_tracker": saved["_growth_tracker"]})
 
 
 def _leave_autocast(module, args):
@@ -407,18 +418,29 @@ class ApexAmp(Precision):
 
     has_scaler = True
 
-    def __init__(self, amp_module, opt_level):
+    def __init__(self, amp_module, opt_level, loss_scale):
         self.amp = amp_module
-        self.name = f"apex {opt_level}"
+        self.dynamic = loss_scale == "dynamic"
+        self.name = f"apex {opt_level}" + ("" if self.dynamic else f", fixed loss scale {loss_scale}")
 
-    def optimizer_step(self, optimizer):
-        # apex's scaler skips overflowing steps inside optimizer.step() and does not tell: counted as applied.
-        optimizer.step()
-        return True
+    def zero_grad(self, optimizer):
+        # apex O2 and Ascend's combined gradients replace zero_grad with one that takes no arguments and zeroes the
+        # gradients in place; Ascend's combined buffers must never be freed or re-allocated.
+        optimizer.zero_grad()
 
     def backward(self, loss, optimizer):
         with self.amp.scale_loss(loss, optimizer) as scaled_loss:
             scaled_loss.backward()
+
+    def optimizer_step(self, optimizer):
+        if not self.dynamic:
+            # A static apex scale checks nothing (LossScaler.unscale passes check_overflow=self.dynamic).
+            return super().optimizer_step(optimizer)
+        # Leaving scale_loss, apex's loss scaler read its overflow flag (on the host) and, on overflow, swapped
+        # optimizer.step for a skip that puts the real step back: called either way.
+        overflowed = any(scaler._has_overflow for scaler in self.amp._amp_state.loss_scalers)
+        optimizer.step()
+        return not overflowed
 
     def state_dict(self):
         return {"apex": self.amp.state_dict()}
@@ -428,12 +450,16 @@ class ApexAmp(Precision):
             self.amp.load_state_dict(state["apex"])
 
 
-def import_apex_amp():
+def import_apex_amp(kind):
     try:
         return importlib.import_module("apex.amp")
     except ImportError as exc:
-        raise UserError(f"--amp-backend apex: apex cannot be imported ({exc}); install NVIDIA apex (CUDA) or "
-                        "Ascend apex (NPU), or use the default --amp-backend native") from None
+        if kind == "cuda":
+            raise UserError("--amp-backend apex: no apex.amp here; NVIDIA apex removed it in 2025 (25.05 was the "
+                            "last release with it): use native mixed precision, --amp (--amp-backend native), "
+                            "which is O1-style autocast") from None
+        raise UserError(f"--amp-backend apex: Ascend apex cannot be imported ({exc}); install it, or use the default "
+                        "--amp-backend native") from None
 
 
 def build_optimizer(kind, params, args):
@@ -448,7 +474,23 @@ def build_optimizer(kind, params, args):
     # CUDA's fused SGD also takes the native loss scaler's inf check on the device, where the unfused step reads
     # it on the host (GradScaler.step syncs once a step for it). Apex wraps optimizers its own way: left unfused.
     fused = kind == "cuda" and not (args.amp and args.amp_backend == "apex")
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=fused)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=fused)
+    if fused and args.momentum:
+        _zero_momentum_buffers(optimizer)
+        optimizer.register_load_state_dict_post_hook(_zero_momentum_buffers)
+    return optimizer
+
+
+def _zero_momentum_buffers(optimizer):
+    """Give every parameter without one a zero momentum buffer. Fused SGD's first step allocates the buffers
+    uninitialised (torch.empty_like) and keeps them even when the loss scaler skips that step, so the next step
+    would apply garbage; from a zero buffer the first applied step is momentum * 0 + grad = grad, what an unfused
+    SGD's first step (a copy of grad) gives, bit for bit."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def build_precision(kind, model, optimizer, args):
@@ -458,10 +500,10 @@ def build_precision(kind, model, optimizer, args):
     if args.amp_backend == "native":
         precision = NativeAmp(kind, args.loss_scale)
         return precision.prepare(model), optimizer, precision
-    amp = import_apex_amp()
+    amp = import_apex_amp(kind)
     loss_scale = args.loss_scale if args.loss_scale == "dynamic" else float(args.loss_scale)
     options = {"opt_level": args.opt_level, "loss_scale": loss_scale}
     if kind == "npu" and args.opt == "sgd":
         options["combine_grad"] = True  # only NpuFusedSGD reads the combined buffers
     model, optimizer = amp.initialize(model, optimizer, **options)
-    return model, optimizer, ApexAmp(amp, args.opt_level)
+    return model, optimizer, ApexAmp(amp, args.opt_level, args.loss_scale)

@@ -190,7 +190,7 @@ def check_args(args):
     if args.amp and args.amp_backend == "apex":
         if args.device_kind == "cpu":
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
-        device.import_apex_amp()
+        device.import_apex_amp(args.device_kind)
     default_ids = "0"
     if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
         default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))

@@ -60,7 +60,7 @@ describe_option() {
         launcher) echo "NAME    mp (main.py --multiprocessing-distributed) or torchrun (default mp)" ;;
         batch_size) echo "N       global batch size (default 512 per device; on CPU, perf runs use $CPU_PERF_BATCH_PER_PROCESS per process)" ;;
         workers) echo "N       data loader workers per process (default: main.py's, from the CPU count)" ;;
-        amp_level) echo "LEVEL   O1, O2 or off (default O1)" ;;
+        amp_level) echo "LEVEL   O1, O2 (apex: Ascend apex on NPU, apex<=25.05 on GPU) or off (default O1)" ;;
         lr) echo "LR      base learning rate (default $lr)" ;;
         epochs) if [[ $kind == perf ]]; then
                     echo "N       epochs, each cut at --steps (default 1)"
@@ -368,6 +368,17 @@ print(f"Summary : {case_log}")
 PYEOF
 }
 
+# O2 (fp16 weights, fp32 master copies) exists only in apex: Ascend apex on NPU, apex.amp on a GPU, which NVIDIA
+# apex no longer ships. Refused here rather than run as O1: the two train differently.
+check_amp_level() {
+    [[ $amp_level == O2 ]] || return 0
+    case $device in
+        cpu) die "--amp_level=O2 needs apex, and apex runs on an NPU or a GPU: on the CPU use --amp_level=O1 (bf16) or off" ;;
+        gpu) "$PY" -c "import apex.amp" 2>/dev/null ||
+            die "--amp_level=O2 needs apex.amp, and NVIDIA apex removed apex.amp in 2025 (25.05 was the last release with it): on a GPU use --amp_level=O1 (native torch.amp) or off" ;;
+    esac
+}
+
 launch() {
     local start rc line
     start=$(date +%s)
@@ -379,6 +390,7 @@ launch() {
     case ${opt_device:-auto} in npu | auto) source "$TEST_DIR/env_npu.sh" ;; esac
     resolve_device
     resolve_settings
+    check_amp_level
     [[ $device == cpu ]] && tune_cpu
 
     mkdir -p "$output_dir" || die "cannot create the output folder $output_dir"
