@@ -45,12 +45,13 @@ def test_apex_o2_trains_with_its_zero_grad_that_takes_no_arguments(image_folder,
     assert len(zeroed) == 4 and not zeroed[0] and all(a is b for a, b in zip(zeroed[1], zeroed[3]))
 
 
-def test_apex_combined_gradients_are_zeroed_in_place_never_freed():
-    """Ascend's combine_grad: the gradients are views of combined buffers, which must stay the same tensors."""
+def test_apex_combined_gradients_are_zeroed_in_place_never_freed(monkeypatch):
+    """Ascend apex on NPU (build_precision asks for combine_grad there): the gradients are views of combined
+    buffers, which must stay the same tensors."""
+    apex_amp.install(monkeypatch)
+    args = main.parse_args(["--dummy", "--amp", "--amp-backend", "apex", "--lr", "0.1", "--momentum", "0"])
     weight = torch.nn.Parameter(torch.ones(4))
-    model, optimizer = apex_amp.initialize(weight, torch.optim.SGD([weight], lr=0.1), opt_level="O1",
-                                           loss_scale="dynamic", combine_grad=True)
-    precision = device.ApexAmp(apex_amp, "O1", "dynamic")
+    model, optimizer, precision = device.build_precision("npu", weight, torch.optim.SGD([weight], lr=0.1), args)
     grads = []
     for _ in range(3):
         assert precision.step((weight * 2).sum(), optimizer)
