@@ -342,7 +342,8 @@ class NativeAmp(Precision):
                      "fp32 (this CPU has no native bf16)")
         options = {"enabled": self.dtype == torch.float16}
         # A fixed scale stays fixed: the scaler still finds and skips overflowing steps, and ``optimizer_step`` hands
-        # it the same scale back at every update (GradScaler refuses a backoff factor of 1).
+        # it the same scale back at every update (GradScaler refuses a backoff factor of 1; torch_npu's
+        # dynamic=False would not even look for overflows).
         self.fixed_scale = None if loss_scale == "dynamic" else float(loss_scale)
         if self.fixed_scale is not None:
             options["init_scale"] = self.fixed_scale

@@ -89,8 +89,8 @@ def build_parser():
     group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
     group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
     group.add_argument("--max-nonfinite-steps", default=20, type=int,
-                       help="with a loss scaler (fp16 --amp), stop after N steps in a row with non-finite gradients; "
-                            "without one the first such step stops the run")
+                       help="with a loss scaler (fp16 --amp, native or apex), stop after N steps in a row with "
+                            "non-finite gradients; without one the first such step stops the run")
 
     group = parser.add_argument_group("devices and distributed")
     group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
@@ -118,7 +118,8 @@ def build_parser():
     group.add_argument("--amp", action="store_true", help="fp16 on NPU/CUDA, bf16 on CPU")
     group.add_argument("--amp-backend", default="native", choices=["native", "apex"])
     group.add_argument("--opt-level", default="O1", choices=["O1", "O2"], help="apex opt level")
-    group.add_argument("--loss-scale", default="dynamic", help="'dynamic' or a fixed value such as 128")
+    group.add_argument("--loss-scale", default="dynamic",
+                       help="'dynamic' or a fixed value such as 128 (never changed; overflowing steps are skipped)")
 
     group = parser.add_argument_group("checkpoints, evaluation and output")
     group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")

@@ -20,6 +20,7 @@ the last release with it) and from Ascend apex's patch/npu.patch (HEAD 8b8bd43):
   doubles it after ``scale_window`` clean steps; a static scale never checks, never skips, never moves.
 """
 import contextlib
+import sys
 import types
 
 import torch
@@ -147,7 +148,6 @@ def load_state_dict(state_dict):
 
 def install(monkeypatch):
     """Make ``import apex.amp`` find this module for the rest of a test."""
-    import sys
     apex = types.ModuleType("apex")
     apex.amp = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "apex", apex)
