@@ -373,9 +373,11 @@ PYEOF
 check_amp_level() {
     [[ $amp_level == O2 ]] || return 0
     case $device in
-        cpu) die "--amp_level=O2 needs apex, and apex runs on an NPU or a GPU: on the CPU use --amp_level=O1 (bf16) or off" ;;
+        cpu) die "--amp_level=O2 needs apex, and apex runs on an NPU or a GPU:" \
+            "on the CPU use --amp_level=O1 (bf16) or off" ;;
         gpu) "$PY" -c "import apex.amp" 2>/dev/null ||
-            die "--amp_level=O2 needs apex.amp, and NVIDIA apex removed apex.amp in 2025 (25.05 was the last release with it): on a GPU use --amp_level=O1 (native torch.amp) or off" ;;
+            die "--amp_level=O2 needs apex.amp, and NVIDIA apex removed apex.amp in 2025" \
+                "(25.05 was the last release with it): on a GPU use --amp_level=O1 (native torch.amp) or off" ;;
     esac
 }
 
