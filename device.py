@@ -390,13 +390,22 @@ class NativeAmp(Precision):
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def load_state_dict(self, state):
-        """A dynamic scale goes on from the checkpoint, whichever device kind wrote it; a fixed one is the command
-        line's. Only the scale and its growth count are taken over: the settings are this run's, and torch_npu's
-        GradScaler saves (and requires on loading) a "dynamic" flag that torch.amp's lacks."""
-        if "scaler" in state and self.scaler.is_enabled() and self.fixed_scale is None:
-            saved = state["scaler"]
+        """A dynamic scale goes on from the checkpoint, whichever device kind or backend wrote it (an Ascend apex
+        run may go on on CUDA, where apex.amp is gone); a fixed one is the command line's. Only the scale and its
+        growth count are taken over: the settings are this run's, and torch_npu's GradScaler saves (and requires on
+        loading) a "dynamic" flag that torch.amp's lacks."""
+        saved = state.get("scaler") or _scaler_state_from_apex(state.get("apex"))
+        if saved and self.scaler.is_enabled() and self.fixed_scale is None:
             self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": saved["scale"],
                                          "_growth_tracker": saved["_growth_tracker"]})
+
+
+def _scaler_state_from_apex(apex_state):
+    """apex's loss scale and its count of steps since the last overflow, as GradScaler names them."""
+    if not apex_state or "loss_scaler0" not in apex_state:
+        return None
+    loss_scaler = apex_state["loss_scaler0"]
+    return {"scale": loss_scaler["loss_scale"], "_growth_tracker": loss_scaler["unskipped"]}
 
 
 def _leave_autocast(module, args):
@@ -447,8 +456,15 @@ class ApexAmp(Precision):
         return {"apex": self.amp.state_dict()}
 
     def load_state_dict(self, state):
+        """As NativeAmp's: a dynamic scale goes on from the checkpoint, apex's or GradScaler's; a fixed one is the
+        command line's."""
+        if not self.dynamic:
+            return
         if "apex" in state:
             self.amp.load_state_dict(state["apex"])
+        elif "scaler" in state:
+            self.amp.load_state_dict({"loss_scaler0": {"loss_scale": float(state["scaler"]["scale"]),
+                                                       "unskipped": int(state["scaler"]["_growth_tracker"])}})
 
 
 def import_apex_amp(kind):

@@ -182,6 +182,22 @@ def test_a_scaler_checkpoint_resumes_across_device_kinds(monkeypatch, npu_scaler
     assert back.scaler.get_scale() == 2. ** 14 and back.state_dict()["scaler"]["_growth_tracker"] == 2
 
 
+def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
+    """An Ascend apex run goes on with native AMP on CUDA (where apex.amp is gone), and back."""
+    apex_amp.install(monkeypatch)
+    native = _cpu_scaler_amp(monkeypatch)
+    _overflow_once(native)
+    weight = torch.nn.Parameter(torch.ones(3))
+    _, optimizer = apex_amp.initialize(weight, torch.optim.SGD([weight], lr=0.1), opt_level="O1")
+    apex = device.ApexAmp(apex_amp, "O1", "dynamic")
+    apex.load_state_dict(native.state_dict())
+    assert apex.state_dict() == {"apex": {"loss_scaler0": {"loss_scale": 2. ** 15, "unskipped": 2}}}
+    apex.step((weight * float("inf")).sum(), optimizer)
+    native_again = _cpu_scaler_amp(monkeypatch)
+    native_again.load_state_dict(apex.state_dict())
+    assert native_again.scaler.get_scale() == 2. ** 14 and native_again.state_dict()["scaler"]["_growth_tracker"] == 0
+
+
 # --- item 6: apex's skipped steps ---
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", "128"])
