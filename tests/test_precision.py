@@ -107,6 +107,9 @@ def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd():
     _, empty = _sgd_steps("cpu", [], True)
     empty = empty.state_dict()
     losses = [1e36, 1.0, -0.5]
+    _, resumed = _sgd_steps("cuda", [], True, resume_from=empty)
+    (state,) = resumed.state.values()
+    assert torch.equal(state["momentum_buffer"], torch.zeros(3, 4))
     fused, _ = _sgd_steps("cuda", losses, True, resume_from=empty)
     unfused, _ = _sgd_steps("cpu", losses, True, resume_from=empty)
     assert torch.equal(fused[1], unfused[1]) and torch.equal(fused[2], _sgd_steps("cuda", losses[1:], True)[0][1])
