@@ -62,6 +62,13 @@ def test_apex_combined_gradients_are_zeroed_in_place_never_freed(monkeypatch):
 
 # --- item 2: fused SGD after skipped first steps ---
 
+@pytest.fixture
+def uninitialised_is_nan(monkeypatch):
+    """torch.empty_like gives NaN instead of whatever the memory held (often zeros, by chance), so that a buffer
+    allocated and never written shows in every run. Fused SGD allocates its momentum buffers with it."""
+    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: torch.full_like(tensor, float("nan"), **options))
+
+
 def _sgd_steps(kind, losses, nesterov, resume_from=None):
     """``device.build_optimizer(kind)`` SGD on CPU tensors ("cuda": fused, CPU's fused kernel), stepped through
     NativeAmp with a real GradScaler, which hands the fused step its found_inf and grad_scale. The weights after
@@ -86,7 +93,7 @@ def _sgd_steps(kind, losses, nesterov, resume_from=None):
 
 @pytest.mark.parametrize("skipped", [1, 3])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_sgd_after_skipped_first_steps_steps_like_unfused_sgd(skipped, nesterov):
+def test_fused_sgd_after_skipped_first_steps_steps_like_unfused_sgd(skipped, nesterov, uninitialised_is_nan):
     """The first applied step equals unfused SGD's to the bit, and the skipped steps leave no trace: the later
     steps equal those of fused SGD that skipped nothing (they differ from unfused SGD's by float rounding, as they
     do without skipped steps: the kernels round differently)."""
@@ -101,7 +108,7 @@ def test_fused_sgd_after_skipped_first_steps_steps_like_unfused_sgd(skipped, nes
         torch.testing.assert_close(a, c)
 
 
-def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd():
+def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd(uninitialised_is_nan):
     """A checkpoint written before any applied step (no momentum buffers), resumed into fused SGD; and fused
     SGD's state dict (zero buffers, never stepped) resumed into unfused SGD."""
     _, empty = _sgd_steps("cpu", [], True)
