@@ -71,7 +71,7 @@ def resolve_device_kind(requested):
             if _npu_available():
                 return "npu"
         except UserError as exc:
-            print(f"note: --device auto: {exc}; running on {fallback} (for the NPU: {CANN_HINT})", file=sys.stderr)
+            print(f"note: --device auto: {exc}; running on {fallback}. For the NPU, {CANN_HINT}", file=sys.stderr)
         return fallback
     if requested == "npu":
         try:
@@ -366,10 +366,10 @@ def _memory_format(choice, kind):
 #    pair.cc:545] Read error ...: Connection reset by peer" (a dead peer), "[.../gloo/transport/tcp/
 #    unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete" (a hung one);
 #  - a failing HCCL call raises a plain RuntimeError, "... HCCL function error: ..., error code is N" with the
-#    distributed module's error code ERR02xxx DIST (torch_npu's csrc/distributed/HCCLUtils.hpp, HCCL_CHECK_ERROR),
+#    code ERR02200 DIST ("call hccl api failed"; torch_npu's csrc/distributed/HCCLUtils.hpp, HCCL_CHECK_ERROR),
 #    or torch.OutOfMemoryError when HCCL ran out of device memory, which is no peer's fault.
 _GLOO_FAILURE = re.compile(r"^\[[^\]]*\bgloo/[^\]]*\]")
-_HCCL_FAILURE = re.compile(r"HCCL function error|\bERR02\d{3} DIST\b")
+_HCCL_FAILURE = re.compile(r"HCCL function error|\bERR02200 DIST\b")
 
 
 def collective_failure(exc, timeout):
