@@ -42,11 +42,9 @@ def _import_torch_npu():
     """
     try:
         importlib.import_module("torch_npu")
-    except ModuleNotFoundError as exc:
-        if exc.name == "torch_npu":
-            return False
-        raise UserError(f"torch_npu cannot be loaded ({_first_line(exc)})") from None
     except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "torch_npu":
+            return False
         raise UserError(f"torch_npu cannot be loaded ({_first_line(exc)})") from None
     return True
 
@@ -181,8 +179,8 @@ def check_distributed_args(args):
         raise UserError(f"--rank {args.rank} must be a node number below --world-size {args.world_size}")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if args.world_size > 1 and args.dist_url == "env://" and missing:
-        raise UserError(f"--world-size {args.world_size}: the nodes need node 0's address, and {' and '.join(missing)} "
-                        "not set: give --dist-url tcp://NODE0:PORT on every node, or export MASTER_ADDR and "
+        raise UserError(f"--world-size {args.world_size}: {' and '.join(missing)} not set, and every node needs node "
+                        "0's address: give every node --dist-url tcp://NODE0:PORT, or export MASTER_ADDR and "
                         "MASTER_PORT")
 
 
