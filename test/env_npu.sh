@@ -6,7 +6,7 @@
 # CANN: the run goes on (GPU/CPU).
 
 _mnasnet_source_cann() {
-    local base="" cfg f
+    local base="" cfg root f
     # set_env.sh already sourced in this shell (or by the container): nothing to do. CANN 8.5+ sets
     # ASCEND_HOME_PATH (older releases also ASCEND_TOOLKIT_HOME).
     for f in "${ASCEND_HOME_PATH:-}" "${ASCEND_TOOLKIT_HOME:-}"; do
@@ -22,15 +22,14 @@ _mnasnet_source_cann() {
     done
     # CANN 8.5+ installs to <path>/cann, older releases to <path>/ascend-toolkit (or nnae); the default <path>
     # is /usr/local/Ascend for root and ~/Ascend for other users.
-    for f in ${ASCEND_HOME:+"$ASCEND_HOME/set_env.sh" "$ASCEND_HOME/cann/set_env.sh" "$ASCEND_HOME/ascend-toolkit/set_env.sh"} \
-             ${base:+"$base/cann/set_env.sh" "$base/ascend-toolkit/set_env.sh" "$base/nnae/set_env.sh"} \
-             /usr/local/Ascend/cann/set_env.sh /usr/local/Ascend/ascend-toolkit/set_env.sh \
-             /usr/local/Ascend/nnae/set_env.sh ${HOME:+"$HOME/Ascend/cann/set_env.sh" "$HOME/Ascend/ascend-toolkit/set_env.sh"}; do
-        if [[ -f $f ]]; then
-            # shellcheck source=/dev/null
-            source "$f"
-            return 0
-        fi
+    for root in ${ASCEND_HOME:+"$ASCEND_HOME"} ${base:+"$base"} /usr/local/Ascend ${HOME:+"$HOME/Ascend"}; do
+        for f in "$root/set_env.sh" "$root/cann/set_env.sh" "$root/ascend-toolkit/set_env.sh" "$root/nnae/set_env.sh"; do
+            if [[ -f $f ]]; then
+                # shellcheck source=/dev/null
+                source "$f"
+                return 0
+            fi
+        done
     done
     return 1
 }

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +29,8 @@ ONE_STEP = ["--dummy", "--dummy-images", "16", "-a", "mnasnet0_5", "-j", "0", "-
 
 def clean_env(**extra):
     """This process's environment without launcher, SLURM or CANN variables; one thread per process."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "ASCEND", "FAKE_NPU", "TORCH_DEVICE_BACKEND")) and k not in LAUNCHER_VARIABLES}
+    dropped = ("SLURM_", "ASCEND", "FAKE_NPU", "TORCH_DEVICE_BACKEND")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped) and k not in LAUNCHER_VARIABLES}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
