@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,28 +27,58 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
-def _npu_available():
-    """Import torch_npu (only ever imported here) and report whether it sees a device."""
+CANN_HINT = ("source CANN's set_env.sh first (/usr/local/Ascend/cann/set_env.sh, or ascend-toolkit/set_env.sh "
+             "before CANN 8.5; test/env_npu.sh finds it)")
+
+
+def _import_torch_npu():
+    """Import torch_npu (only ever imported here), which registers torch.npu; False when it is not installed.
+
+    torch's autoloading is off (autoload_off.py), so every process of an NPU run comes here, spawned workers too.
+    An installed torch_npu that cannot load raises UserError with its reason: without CANN's environment its
+    extension finds no libhccl.so / libascendcl.so (ImportError, torch_npu/_init/core/module_loader.py); it
+    raises RuntimeError next to another accelerator (torch_npu/__init__.py) and Exception when ASCEND_HOME_PATH
+    names no CANN (torch_npu/_init/registry/registry_manager.py).
+    """
     try:
         importlib.import_module("torch_npu")
-    except ImportError:
-        return False
-    return torch.npu.is_available() and torch.npu.device_count() > 0
+    except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "torch_npu":
+            return False
+        raise UserError(f"torch_npu cannot be loaded ({_first_line(exc)})") from None
+    return True
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _npu_available():
+    """Whether torch_npu loads and sees a device; raises UserError when it is installed but cannot load."""
+    return _import_torch_npu() and torch.npu.is_available() and torch.npu.device_count() > 0
 
 
 def resolve_device_kind(requested):
-    """Map --device to 'npu', 'cuda' or 'cpu', checking that the device is really there."""
+    """Map --device to 'npu', 'cuda' or 'cpu', checking that the device is really there. Only 'npu' and 'auto'
+    touch torch_npu: a CPU or GPU run does not depend on it."""
     requested = "cuda" if requested == "gpu" else requested
     if requested == "auto":
-        if _npu_available():
-            return "npu"
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        fallback = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            if _npu_available():
+                return "npu"
+        except UserError as exc:
+            print(f"note: --device auto: {exc}; running on {fallback}. For the NPU, {CANN_HINT}", file=sys.stderr)
+        return fallback
     if requested == "npu":
         try:
-            importlib.import_module("torch_npu")
-        except ImportError as exc:
-            raise UserError(f"--device npu: torch_npu cannot be imported ({exc}); install the Ascend PyTorch "
-                            "plugin and source the CANN set_env.sh") from None
+            installed = _import_torch_npu()
+        except UserError as exc:
+            raise UserError(f"--device npu: {exc}; {CANN_HINT}") from None
+        if not installed:
+            raise UserError("--device npu: torch_npu is not installed: pip install -r requirements-npu.txt, then "
+                            + CANN_HINT)
         if not (torch.npu.is_available() and torch.npu.device_count() > 0):
             raise UserError("--device npu: torch_npu is installed but sees no NPU")
     elif requested == "cuda" and not torch.cuda.is_available():
@@ -101,10 +132,56 @@ def launcher_ranks():
     return None
 
 
+def processes_on_this_node(args):
+    """How many processes of this run share this node's CPUs: torchrun's LOCAL_WORLD_SIZE, srun's tasks on this
+    node, or --device-list's length for --multiprocessing-distributed."""
+    if launched_by_torchrun():
+        return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if launched_by_slurm():
+        return _slurm_tasks_on_this_node()
+    return len(args.device_ids) if args.multiprocessing_distributed else 1
+
+
+def _slurm_tasks_on_this_node():
+    """SLURM_STEP_TASKS_PER_NODE lists the step's tasks per node, compressed ("2(x3),1"), in SLURM_NODEID's
+    order; SLURM_NTASKS_PER_NODE is set for --ntasks-per-node. Neither: count every task (too few CPUs each
+    rather than too many)."""
+    per_node = []
+    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match:
+            per_node += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if node < len(per_node):
+        return per_node[node]
+    return int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ["SLURM_NTASKS"]))
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def check_distributed_args(args):
+    """--world-size/--rank/--dist-url, checked before any process starts: numbered nodes without
+    --multiprocessing-distributed would each train alone, and several nodes without a common rendezvous address
+    would wait for each other until --dist-timeout."""
+    if not args.multiprocessing_distributed:
+        if (args.world_size, args.rank) != (1, 0):
+            raise UserError("--world-size and --rank number the nodes of a --multiprocessing-distributed run: add "
+                            "--multiprocessing-distributed (torchrun and srun number their processes themselves)")
+        if args.dist_url != "env://" and (launched_by_torchrun() or not launched_by_slurm()):
+            raise UserError("--dist-url is the rendezvous of --multiprocessing-distributed or srun processes: add "
+                            "--multiprocessing-distributed (under torchrun, give torchrun --master-addr/--master-port)")
+        return
+    if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        raise UserError(f"--rank {args.rank} must be a node number below --world-size {args.world_size}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if args.world_size > 1 and args.dist_url == "env://" and missing:
+        raise UserError(f"--world-size {args.world_size}: {' and '.join(missing)} not set, and every node needs node "
+                        "0's address: give every node --dist-url tcp://NODE0:PORT, or export MASTER_ADDR and "
+                        "MASTER_PORT")
 
 
 def launch(worker, args):
@@ -118,8 +195,9 @@ def launch(worker, args):
         worker(ranks[2], args)
     elif args.multiprocessing_distributed:
         nprocs = len(args.device_ids)
-        if args.dist_url == "env://":
-            # One node, no rendezvous given: a free local port, so two jobs on one host never collide.
+        if args.dist_url == "env://" and args.world_size == 1:
+            # One node, no rendezvous given: a free local port, so two jobs on one host never collide. Several
+            # nodes must agree on one address: check_distributed_args has made sure it was given.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         context = mp.start_processes(worker, args=(args,), nprocs=nprocs, join=False, start_method="spawn")
@@ -136,7 +214,8 @@ def launch(worker, args):
                 pass
         except mp.ProcessExitedException as exc:
             # The failing worker already said why; exit with its status rather than a traceback.
-            raise SystemExit(exc.exit_code if exc.exit_code > 0 else 1) from None
+            # A worker killed by a signal has exit_code -signum: the shell's 128 + signum.
+            raise SystemExit(exc.exit_code if exc.exit_code > 0 else 128 - exc.exit_code) from None
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -153,6 +232,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     memory_format: torch.memory_format = torch.contiguous_format
+    local_world_size: int = 1  # processes on this node, which share its CPUs
 
     @property
     def distributed(self):
@@ -214,6 +294,8 @@ class Runtime:
 def setup_runtime(args, local_rank):
     """Bind this process to its device and join the process group (a no-op for one process)."""
     kind = args.device_kind
+    if kind == "npu" and not _import_torch_npu():
+        raise UserError("--device npu: torch_npu is not installed in this process's Python")
     ranks = launcher_ranks()
     if ranks is not None:
         rank, world_size, _ = ranks
@@ -228,9 +310,14 @@ def setup_runtime(args, local_rank):
         device = torch.device("cpu")
     else:
         ids = args.device_ids
-        if local_rank >= len(ids):
+        if device_count(kind) == 1:
+            # This process sees one device (srun --gpus-per-task=1, *_VISIBLE_DEVICES set per process): its own.
+            index = 0
+        elif local_rank < len(ids):
+            index = ids[local_rank]
+        else:
             raise UserError(f"local rank {local_rank} has no device: --device-list names only {ids}")
-        device = torch.device(kind, ids[local_rank])
+        device = torch.device(kind, index)
         device_module(kind).set_device(device)
 
     if world_size > 1:
@@ -241,12 +328,26 @@ def setup_runtime(args, local_rank):
             raise UserError(f"{' and '.join(missing)} not set: export MASTER_ADDR (e.g. the first host of "
                             "$SLURM_JOB_NODELIST) and MASTER_PORT on every node, or give --dist-url tcp://HOST:PORT")
         try:
-            dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
-                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
+            with _signals_end_process():
+                dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                                        timeout=datetime.timedelta(seconds=args.dist_timeout))
         except dist.DistError as exc:
             raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
                             f"(MASTER_ADDR/MASTER_PORT for env://): {str(exc).strip().splitlines()[0]}") from None
-    return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind))
+    return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind),
+                   local_world_size=processes_on_this_node(args))
+
+
+@contextlib.contextmanager
+def _signals_end_process():
+    """SIGINT and SIGTERM end the process at once while it waits for its peers: the wait is in C++, where a Python
+    handler never runs (a missing node would keep it there until --dist-timeout), and there is nothing to save."""
+    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _memory_format(choice, kind):
@@ -256,16 +357,34 @@ def _memory_format(choice, kind):
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
+# How each backend reports a collective that failed because a peer died or hung:
+#  - NCCL, HCCL's asynchronous errors and watchdog timeouts, and the stores raise dist.DistError subclasses
+#    (DistBackendError, DistNetworkError, DistStoreError; torch's c10d/NCCLUtils.hpp, torch_npu's libtorch_npu.so);
+#  - gloo (torch 2.14) raises a plain RuntimeError that starts with its source location: "[.../gloo/transport/tcp/
+#    pair.cc:545] Read error ...: Connection reset by peer" (a dead peer), "[.../gloo/transport/tcp/
+#    unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete" (a hung one);
+#  - a failing HCCL call raises a plain RuntimeError, "... HCCL function error: ..., error code is N" with the
+#    code ERR02200 DIST ("call hccl api failed"; torch_npu's csrc/distributed/HCCLUtils.hpp, HCCL_CHECK_ERROR),
+#    or torch.OutOfMemoryError when HCCL ran out of device memory, which is no peer's fault.
+_GLOO_FAILURE = re.compile(r"^\[[^\]]*\bgloo/[^\]]*\]")
+_HCCL_FAILURE = re.compile(r"HCCL function error|\bERR02200 DIST\b")
+
+
 def collective_failure(exc, timeout):
-    """A one-line explanation when ``exc`` is a failed collective of a multi-process run, else None.
+    """A one-line explanation when ``exc`` is a failed collective of a multi-process run, else None (any other
+    error, an out-of-memory or shape error among them, keeps its own message and traceback).
 
     A rank that died breaks its peers' connections at once; one that hangs makes their collectives time out.
     """
-    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    message = str(exc).strip()
+    if isinstance(exc, torch.OutOfMemoryError) or not (
+            isinstance(exc, dist.DistError)
+            or isinstance(exc, RuntimeError) and (_GLOO_FAILURE.match(message) or _HCCL_FAILURE.search(message))):
         return None
     # Backend messages start with the source location, e.g. "[.../gloo/transport/tcp/pair.cc:545] ".
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", message.splitlines()[0] if message else repr(exc))
     return (f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({cause}); another "
             f"process probably died or hung (collectives time out after --dist-timeout {timeout} s): see its log")
 

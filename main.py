@@ -6,6 +6,8 @@
     srun python main.py /data/imagenet --amp                                   # SLURM: one task per device
     python main.py                                                             # demo: digits, a few minutes on a CPU
 """
+import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
+
 import argparse
 import json
 import math
@@ -196,6 +198,7 @@ def check_args(args):
     if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
         default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
     args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
+    device.check_distributed_args(args)
 
     if args.dummy:
         args.data_dir = None
@@ -252,13 +255,22 @@ def build_loaders(train_set, val_set, runtime, args, log):
 
 
 def usable_cpus():
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups, a scheduler's binding)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_process(runtime):
+    """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
+    --cpus-per-task when given, which is already one task's share."""
+    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
+    return max(1, usable_cpus() // runtime.local_world_size)
 
 
 def default_workers(runtime):
     """Leave a core per process for the training loop itself. One fast-pipeline worker makes roughly 250-400
     ImageNet crops/s (bench.py), so up to 16 per process feed an NPU at the reference's 2,570 img/s with room."""
-    return max(1, min(16, usable_cpus() // runtime.world_size - 1))
+    return max(1, min(16, cpus_per_process(runtime) - 1))
 
 
 def main_worker(local_rank, args):
@@ -284,7 +296,7 @@ def train(local_rank, args, stop):
     log = setup_logging(args.output_dir, args.log_file, runtime.rank)
     if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
         # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
-        torch.set_num_threads(max(1, usable_cpus() // runtime.world_size))
+        torch.set_num_threads(cpus_per_process(runtime))
     if args.seed is not None:
         seed_everything(args.seed)
     if args.batch_size % runtime.world_size:

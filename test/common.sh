@@ -145,12 +145,12 @@ resolve_device() {
         gpu | cuda) device=gpu ;;
         auto)
             # What main.py's auto would pick, decided here too: it changes the environment and defaults.
-            device=$("$PY" - <<'PYEOF'
+            device=$(TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" - <<'PYEOF'
 import torch
 try:
     import torch_npu  # noqa: F401  (registers torch.npu)
     npu = torch.npu.is_available() and torch.npu.device_count() > 0
-except Exception:  # absent, or present without a working CANN: not an NPU machine
+except Exception:  # absent, or present without a working CANN (main.py says why): not an NPU machine
     npu = False
 if npu:
     print("npu")
@@ -403,6 +403,9 @@ launch() {
     rm -f "$log_file" "$summary_json" "$case_log" "$output_dir"/rank*.log
 
     build_command
+    # torchrun imports torch before main.py runs: without this, a torch_npu that cannot load (CANN not sourced)
+    # would end the run at `import torch`. main.py imports torch_npu itself when the run is on an NPU.
+    export TORCH_DEVICE_BACKEND_AUTOLOAD=0
     echo "$case_name on $device ($device_list), log: $log_file"
     printf -v line '%q ' "${cmd[@]}"
     echo "running: ${line% }"

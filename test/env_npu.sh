@@ -2,25 +2,34 @@
 # Ascend NPU environment, sourced by the train_*.sh launchers (or by hand: `source test/env_npu.sh`).
 # Sources CANN's set_env.sh where CANN is installed and exports the runtime variables the ModelZoo
 # scripts set. Values already in the environment win, so a user can override any of them.
-# Without CANN it says so once and changes nothing that matters: the run goes on (GPU/CPU).
+# Without CANN it says so once and turns off torch's autoloading of torch_npu, which cannot load without
+# CANN: the run goes on (GPU/CPU).
 
 _mnasnet_source_cann() {
-    local base="" cfg=/etc/Ascend/ascend_cann_install.info f
-    # set_env.sh already sourced in this shell (or by the container): nothing to do.
-    if [[ -n "${ASCEND_TOOLKIT_HOME:-}" && -d "${ASCEND_TOOLKIT_HOME}" ]]; then
-        return 0
-    fi
-    if [[ -f $cfg ]]; then
-        base=$(sed -n 's/^Install_Path=//p' "$cfg" | head -n 1)
-    fi
-    for f in ${ASCEND_HOME:+"$ASCEND_HOME/set_env.sh" "$ASCEND_HOME/ascend-toolkit/set_env.sh"} \
-             ${base:+"$base/ascend-toolkit/set_env.sh" "$base/nnae/set_env.sh"} \
-             /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnae/set_env.sh; do
-        if [[ -f $f ]]; then
-            # shellcheck source=/dev/null
-            source "$f"
+    local base="" cfg root f
+    # set_env.sh already sourced in this shell (or by the container): nothing to do. CANN 8.5+ sets
+    # ASCEND_HOME_PATH (older releases also ASCEND_TOOLKIT_HOME).
+    for f in "${ASCEND_HOME_PATH:-}" "${ASCEND_TOOLKIT_HOME:-}"; do
+        if [[ -n $f && -d $f ]]; then
             return 0
         fi
+    done
+    # Where the installer recorded its path: /etc/Ascend for root, ~/Ascend for other users.
+    for cfg in /etc/Ascend/ascend_cann_install.info "${HOME:-/nonexistent}/Ascend/ascend_cann_install.info"; do
+        if [[ -z $base && -f $cfg ]]; then
+            base=$(sed -n 's/^Install_Path=//p' "$cfg" | head -n 1)
+        fi
+    done
+    # CANN 8.5+ installs to <path>/cann, older releases to <path>/ascend-toolkit (or nnae); the default <path>
+    # is /usr/local/Ascend for root and ~/Ascend for other users.
+    for root in ${ASCEND_HOME:+"$ASCEND_HOME"} ${base:+"$base"} /usr/local/Ascend ${HOME:+"$HOME/Ascend"}; do
+        for f in "$root/set_env.sh" "$root/cann/set_env.sh" "$root/ascend-toolkit/set_env.sh" "$root/nnae/set_env.sh"; do
+            if [[ -f $f ]]; then
+                # shellcheck source=/dev/null
+                source "$f"
+                return 0
+            fi
+        done
     done
     return 1
 }
@@ -38,9 +47,14 @@ if _mnasnet_source_cann; then
         export HCCL_IF_IP=$_ip
     fi
     unset _ip
-elif [[ -z "${MNASNET_NO_CANN_NOTED:-}" ]]; then
-    echo "env_npu.sh: CANN not found (no set_env.sh under \$ASCEND_HOME, /etc/Ascend/ascend_cann_install.info or /usr/local/Ascend); running without the NPU environment" >&2
-    export MNASNET_NO_CANN_NOTED=1
+else
+    if [[ -z "${MNASNET_NO_CANN_NOTED:-}" ]]; then
+        echo "env_npu.sh: CANN not found (no set_env.sh under \$ASCEND_HOME, the path in ascend_cann_install.info, /usr/local/Ascend or ~/Ascend, in cann/ or ascend-toolkit/); running without the NPU environment" >&2
+        export MNASNET_NO_CANN_NOTED=1
+    fi
+    # Without CANN an installed torch_npu cannot load, and torch's autoloading of it would fail every
+    # `import torch` (GPU and CPU runs too); main.py imports torch_npu itself when a run asks for an NPU.
+    export TORCH_DEVICE_BACKEND_AUTOLOAD=${TORCH_DEVICE_BACKEND_AUTOLOAD:-0}
 fi
 unset -f _mnasnet_source_cann
 
