@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,10 @@ def launch(script, *args, timeout=180):
 
 
 def launch_ok(script, *args):
+    """The finished launch, with ``wall_seconds``: how long the test waited for it."""
+    start = time.perf_counter()
     result = launch(script, *args)
+    result.wall_seconds = time.perf_counter() - start
     assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -59,7 +63,16 @@ def check_common(result, out_dir, fields, summary, case_name, ranks, batch):
         assert (out_dir / f"rank{rank}.log").is_file()
 
 
-def check_speed(result, fields, summary):
+def check_speed(result, fields, summary, measured_steps, batch):
+    """ActualFPS and TrainingTime against what the test knows: the steps it asked for less the FPS warm-up, the
+    global batch, and the wall-clock time it waited for the launcher (the measured window lies inside it)."""
+    assert summary["measured_steps"] == measured_steps and summary["measured_images"] == measured_steps * batch
+    actual_fps, step_ms = float(fields["ActualFPS"]), float(fields["TrainingTime"])
+    assert actual_fps * step_ms / 1000 == pytest.approx(batch, rel=1e-3)  # images/s x s/step: the global batch
+    assert actual_fps > measured_steps * batch / result.wall_seconds
+    assert 0 < step_ms * measured_steps / 1000 < result.wall_seconds
+    assert 0 <= int(fields["E2ETrainingTime"]) <= result.wall_seconds + 1  # whole seconds, counted by the script
+    # The report rounds main.py's own figures, to the printed digits.
     fps = summary["measured_images"] / summary["measured_seconds"]
     assert float(fields["ActualFPS"]) == pytest.approx(fps, abs=0.006)
     assert float(fields["TrainingTime"]) == pytest.approx(
@@ -163,9 +176,9 @@ def test_performance_1p_synthetic(tmp_path):
     case = f"{NETWORK}_bs8_1p_perf"
     fields, summary = read_case(out_dir, case)
     check_common(result, out_dir, fields, summary, case, ranks=1, batch=8)
-    check_speed(result, fields, summary)
     # 6 steps, the first one (a fifth) left out of the measurement; no validation.
-    assert summary["train_steps"] == 6 and summary["measured_steps"] == 5
+    check_speed(result, fields, summary, measured_steps=5, batch=8)
+    assert summary["train_steps"] == 6
     assert summary["val_acc1"] is None
     assert float(fields["TrainAccuracy"]) == pytest.approx(summary["train_acc1"], abs=5e-4)
     assert float(fields["ActualLoss"]) == pytest.approx(summary["train_loss"], abs=5e-5)
@@ -180,7 +193,8 @@ def test_full_1p_image_folder(data_dir, tmp_path):
     case = f"{NETWORK}_bs4_1p_acc"
     fields, summary = read_case(out_dir, case)
     check_common(result, out_dir, fields, summary, case, ranks=1, batch=4)
-    check_speed(result, fields, summary)
+    # 12 images in batches of 4: 3 steps an epoch, the first of each left out of the FPS.
+    check_speed(result, fields, summary, measured_steps=2 * 2, batch=4)
     assert summary["epochs"] == 2
     log = out_dir / "train_3.log"
     check_rank0_log(log, epochs=2, validations=2)
@@ -193,11 +207,12 @@ def test_full_1p_image_folder(data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def full_8p(data_dir, tmp_path_factory):
-    """A 2-process accuracy run; its checkpoint is evaluated by test_eval_8p."""
+    """A 2-process accuracy run; its checkpoint is evaluated by test_eval_8p. BatchNorm momentum 0.3: its 3 steps
+    move the running statistics that validation scores with, and so set the two ranks' apart."""
     root = tmp_path_factory.mktemp("full8p")
     result = launch_ok("train_full_8p.sh", f"--data_path={data_dir}", "--device=cpu", "--num_devices=2",
                        "--batch_size=4", "--epochs=1", "--lr=0.05", "--workers=0", f"--output_root={root}", *TINY,
-                       "--fps-warmup-steps", "1")
+                       "--fps-warmup-steps", "1", "--bn-momentum", "0.3")
     return result, root / "0"
 
 
@@ -206,7 +221,7 @@ def test_full_8p(full_8p):
     case = f"{NETWORK}_bs4_2p_acc"
     fields, summary = read_case(out_dir, case)
     check_common(result, out_dir, fields, summary, case, ranks=2, batch=4)
-    check_speed(result, fields, summary)
+    check_speed(result, fields, summary, measured_steps=3 - 1, batch=4)  # 12 images, global batch 4
     check_rank0_log(out_dir / "train_0.log", epochs=1, validations=1)
     assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
     # Distributed validation scores each of the 9 images once: a whole number of them is right.
@@ -230,6 +245,8 @@ def test_eval_8p(full_8p, data_dir, tmp_path):
     # The checkpoint scored on 2 processes gives what training measured for it.
     _, train_summary = read_case(train_dir, f"{NETWORK}_bs4_2p_acc")
     assert summary["val_acc1"] == pytest.approx(train_summary["best_acc1"], abs=1e-6)
+    # And the same loss: training's validation scored rank 0's BatchNorm statistics on both ranks, as saved.
+    assert summary["val_loss"] == pytest.approx(train_summary["val_loss"], rel=1e-5)
     assert summary["val_images"] == VAL_IMAGES
     assert len(re.findall(r"\* Acc@1 ", (out_dir / "train_0.log").read_text())) == 1
 
@@ -242,7 +259,6 @@ def test_performance_8p_synthetic(tmp_path):
     case = f"{NETWORK}_bs8_2p_perf"
     fields, summary = read_case(out_dir, case)
     check_common(result, out_dir, fields, summary, case, ranks=2, batch=8)
-    check_speed(result, fields, summary)
-    assert summary["train_steps"] == 4 and summary["measured_steps"] == 3
-    assert summary["measured_images"] == 3 * 8
+    check_speed(result, fields, summary, measured_steps=3, batch=8)
+    assert summary["train_steps"] == 4
     check_rank0_log(out_dir / "train_0.log", epochs=1, validations=0)

@@ -1,5 +1,7 @@
 """End-to-end runs of main.py on the CPU: training that learns, checkpoints, resume, evaluate, distributed."""
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import device
 import engine
 import main
 from conftest import ROOT, tiny_flags
+from utils import state_digest
 
 
 def run_main(*argv):
@@ -49,11 +52,43 @@ def test_training_learns(trained):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert summary["best_acc1"] > 100 / 3 + 30  # three classes: chance is 33%
     assert summary["val_images"] == 15
-    assert summary["fps"] > 0 and summary["measured_steps"] > 0
-    assert summary["fps"] == pytest.approx(summary["measured_images"] / summary["measured_seconds"])
+    # 36 images in batches of 8: 4 steps an epoch, the first of each (--fps-warmup-steps 1) left out of the FPS.
+    assert summary["train_steps"] == 8 * 4
+    assert summary["measured_steps"] == 8 * 3 and summary["measured_images"] == 8 * 3 * 8
+    # The measured window lies inside the epochs' training time, which lies inside the run.
+    rows = metrics_rows(output_dir)
+    assert 0 < summary["measured_seconds"] < sum(float(row["epoch_seconds"]) for row in rows) < summary["e2e_seconds"]
+    assert summary["fps"] == pytest.approx(8 * 3 * 8 / summary["measured_seconds"])
     log = (output_dir / "train.log").read_text()
     assert "Epoch: [7][4/4]\tTime " in log and "FPS " in log
     assert f" * Acc@1 {summary['val_acc1']:.3f} Acc@5 " in log
+
+
+def metrics_rows(output_dir):
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_warmup_and_cosine_set_each_epochs_learning_rate(trained):
+    """--lr 0.01 --warmup 1 --epochs 8, 4 steps an epoch: epoch 0 starts at 0.1x the LR, epoch 1 (the end of the
+    warm-up) at the full LR, then the cosine over the remaining 28 steps."""
+    output_dir, _ = trained
+    lrs = [float(row["lr"]) for row in metrics_rows(output_dir)]
+    expected = [0.001] + [0.01 * 0.5 * (1 + math.cos(math.pi * 4 * (epoch - 1) / 28)) for epoch in range(1, 8)]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+
+
+def test_nesterov_and_weight_decay_groups_reach_the_saved_optimizer(trained):
+    """The run had --nesterov --wd 1e-5: SGD's groups say so, and only the conv and linear weights decay."""
+    output_dir, _ = trained
+    state = torch.load(output_dir / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert all(group["nesterov"] and group["momentum"] == 0.9 for group in groups)
+    assert [group["weight_decay"] for group in groups] == [1e-5, 0.0]
+    shapes = [tensor.shape for name, tensor in state["state_dict"].items() if not name.endswith(
+        ("running_mean", "running_var", "num_batches_tracked"))]
+    assert [len(group["params"]) for group in groups] == [sum(len(s) > 1 for s in shapes),
+                                                         sum(len(s) == 1 for s in shapes)]
 
 
 def test_checkpoints_are_plain_and_unprefixed(trained):
@@ -106,11 +141,19 @@ def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tm
     log = (out / "train.log").read_text()
     assert "Epoch: [1]" in log
     assert (out / "rank1.log").exists()
-    # A single process scoring the saved weights gets the same accuracy as the two ranks did together.
+    # A single process scoring the saved weights gets what the two ranks did together: the same accuracy and, to
+    # float rounding (1e-7 measured), the same loss; with each rank's own BatchNorm statistics, rank 1's half
+    # would score other weights.
     single = run_main(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
                                                 str(out / "checkpoint.pth.tar")))
     assert single["val_acc1"] == pytest.approx(summary["val_acc1"])
+    assert single["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert single["val_images"] == 15
+    # Both ranks ended with the weights that were saved.
+    saved = torch.load(out / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    digest = state_digest(saved["state_dict"])
+    assert summary["weights_sha256"] == digest
+    assert f"=> rank 1 weights sha256 {digest}" in (out / "rank1.log").read_text()
 
 
 def expect_error(capsys, argv, *fragments):

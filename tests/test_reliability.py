@@ -193,13 +193,13 @@ def _popen(*argv, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
-def test_ctrl_c_with_loader_workers_saves_and_exits_within_seconds(image_folder, tmp_path):
+def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
     proc = _popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "-j", "1", "--print-freq", "1"))
     _wait_for(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C signals the whole process group: the loader worker too
-    start = time.time()
-    out, err = proc.communicate(timeout=30)
-    assert time.time() - start < 10 and proc.returncode == 128 + signal.SIGINT, err
+    # It stops after the current step, a fraction of a second; the limit only tells a hang (50 epochs are minutes).
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
     # Where exactly depends on how far the run got before the signal landed.
     assert "=> stopped by SIGINT at epoch " in out and "Traceback" not in err
     state = checkpoint.load_file(str(tmp_path / "checkpoint.pth.tar"))
@@ -336,14 +336,15 @@ def test_a_dead_or_hung_rank_makes_the_other_exit_with_a_clear_error(image_folde
     try:
         _wait_for(tmp_path / "rank1.log", "Epoch: [1]", procs[1])
         os.kill(procs[1].pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
-        start = time.time()
-        out, err = procs[0].communicate(timeout=60)
-        assert time.time() - start < 20
+        # A dead peer breaks the connection at once, a hung one times out after --dist-timeout 5 s; the limit only
+        # tells a hang (50 epochs are minutes).
+        out, err = procs[0].communicate(timeout=180)
     finally:
         procs[1].kill()
         procs[1].communicate()
     assert procs[0].returncode == 1
     assert "error: rank 0 of 2: a collective operation failed" in err and "Traceback" not in err
+    assert "--dist-timeout 5 s" in err and len(err.strip().splitlines()) == 1, err
 
 
 # --- disk and output folder ---
