@@ -506,10 +506,11 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
         if args.start_epoch is not None and args.start_epoch != state["epoch"]:
             log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
                         f"checkpoint's epoch {state['epoch']}")
-        if "lr" in args.explicit_options and args.lr != scheduler.base_lrs[0]:
-            previous = scheduler.base_lrs[0]
-            factor = recipe.rescale_lr(optimizer, scheduler, args.lr)
-            log.info(f"=> --lr {args.lr} replaces the checkpoint's {previous}: the learning rate schedule is "
+        saved_lr = scheduler.base_lrs[0]
+        new_lr = args.lr if "lr" in args.explicit_options and args.lr != saved_lr else None
+        factor = recipe.resume_schedule(optimizer, scheduler, new_lr)
+        if new_lr is not None:
+            log.info(f"=> --lr {new_lr} replaces the checkpoint's {saved_lr}: the learning rate schedule is "
                      f"scaled by {factor:.4g} from here on")
     log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")

@@ -52,14 +52,15 @@ def lr_schedule(optimizer, steps_per_epoch, warmup_epochs, epochs, kind="cosine"
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=first_step - 1)
 
 
-def rescale_lr(optimizer, scheduler, base_lr):
-    """Make ``base_lr`` the schedule's base LR from its current step on (a resumed run given another --lr):
-    every group's base and current LR scale by one factor, so the schedule keeps its shape. Returns the factor."""
-    factor = base_lr / scheduler.base_lrs[0]
+def resume_schedule(optimizer, scheduler, base_lr=None):
+    """After loading a checkpoint, set the LRs this run's schedule (its --epochs, --warmup...) gives at the saved
+    step, from the first step on; with ``base_lr`` (a new --lr), scaled so that it is the base LR. Returns the
+    factor the base LRs were scaled by."""
+    factor = 1.0 if base_lr is None else base_lr / scheduler.base_lrs[0]
     scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-        group["initial_lr"] *= factor
+    for group, base, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
     return factor
 
 
