@@ -16,6 +16,8 @@ from utils import UserError
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What --resume needs besides the weights.
+RUN_STATE_KEYS = ("epoch", "best_acc1", "optimizer", "scheduler")
 
 
 def plain_args(args):
@@ -143,8 +145,19 @@ def model_state(obj):
     metadata = getattr(obj, "_metadata", None)
     if metadata is not None:
         # Keeps the version marker that MnasNet's loader uses to read torchvision's version-1 checkpoints.
-        state._metadata = collections.OrderedDict((_strip_prefixes(k), v) for k, v in metadata.items())
+        state._metadata = _strip_metadata(metadata)
     return state
+
+
+def _strip_metadata(metadata):
+    """Metadata keyed by module path, wrappers removed. A wrapper's own entry and its inner module's both
+    become the root's: the inner module's (the longer path) wins, as its version says how its keys are laid
+    out; the wrapper's (nn.Module's default, version 1) would make MnasNet read a version-1 stem."""
+    stripped = collections.OrderedDict()
+    for path in sorted(metadata, key=len):
+        # Paths have no trailing dot ("module", "module.layers"); add one so the key prefixes match.
+        stripped[_strip_prefixes(path + ".")[:-1]] = metadata[path]
+    return stripped
 
 
 def _strip_prefixes(key):
@@ -155,6 +168,13 @@ def _strip_prefixes(key):
             if key.startswith(prefix):
                 key, changed = key[len(prefix):], True
     return key
+
+
+def missing_run_state(obj):
+    """What a loaded file lacks for --resume to go on with its run: all of it for a bare weights file."""
+    if not isinstance(obj, dict):
+        return list(RUN_STATE_KEYS)
+    return [key for key in RUN_STATE_KEYS if key not in obj]
 
 
 def load_model_weights(model, obj, arch, source):

@@ -39,8 +39,10 @@ def build_parser():
                         help="ImageNet folder with train/ and val/; omitted: the scikit-learn digits demo")
     parser.add_argument("-a", "--arch", default="mnasnet1_0", choices=sorted(mnasnet.ARCHS))
     parser.add_argument("--dropout", default=0.2, type=float)
-    parser.add_argument("--bn-momentum", default=0.01, type=float,
-                        help="BatchNorm momentum (torchvision's 0.0003 barely moves the statistics in short runs)")
+    parser.add_argument("--bn-momentum", default=0.1, type=float,
+                        help="BatchNorm momentum, PyTorch's default; lower values (0.01 TF's, 0.0003 torchvision's) "
+                             "suit long runs only: in a few hundred steps they leave the statistics that "
+                             "validation uses near their initial values")
 
     group = parser.add_argument_group("data")
     group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process; unset: from the CPUs per process")
@@ -67,7 +69,9 @@ def build_parser():
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", default=90, type=int)
-    group.add_argument("--start-epoch", default=None, type=int, help="epoch to start at; unset: 0, or the resumed checkpoint's")
+    group.add_argument("--start-epoch", default=None, type=int,
+                       help="epoch a fresh run starts at, with the LR schedule where an uninterrupted run has it "
+                            "(unset: 0); a --resume checkpoint's epoch wins")
     group.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch, split across processes")
     group.add_argument("--lr", "--learning-rate", default=0.1, type=float)
     group.add_argument("--momentum", default=0.9, type=float)
@@ -148,7 +152,16 @@ def parse_args(argv=None):
         # No data set given: the short demo run, unless the user set a flag explicitly.
         parser.set_defaults(**data.DEMO_DEFAULTS)
         args = parser.parse_args(argv)
+    args.explicit_options = explicit_options(argv, vars(args))
     return args
+
+
+def explicit_options(argv, dests):
+    """The dests the command line sets (a default does not count): a resumed run takes a given --lr."""
+    unset = object()
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(dests, unset))
+    return sorted(dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset)
 
 
 def check_args(args):
@@ -169,6 +182,8 @@ def check_args(args):
                 raise ValueError
         except ValueError:
             raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
+    if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
+        raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
     if args.evaluate and not (args.resume or args.pretrained):
         raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH")
     for flag in ("resume", "pretrained"):
@@ -339,16 +354,15 @@ def train(local_rank, args, stop):
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
     steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
+    start_epoch, start_step, best_acc1, resumed_rng = args.start_epoch or 0, 0, 0.0, None
+    # A fresh run from --start-epoch N takes the learning rate an uninterrupted run has at epoch N.
     scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
-                                   args.lr_decay_epochs, args.lr_decay_rate)
+                                   args.lr_decay_epochs, args.lr_decay_rate, first_step=start_epoch * steps_per_epoch)
     mix = data.batch_mix(num_classes, args.mixup, args.cutmix)
 
-    start_epoch, start_step, best_acc1, resumed_rng = 0, 0, 0.0, None
     if args.resume:
         start_epoch, start_step, best_acc1, resumed_rng = resume(args, model_without_ddp, optimizer, scheduler,
                                                                  precision, ema, runtime, log)
-    if args.start_epoch is not None:
-        start_epoch, start_step = args.start_epoch, 0
 
     summary = new_summary(args, runtime)
     if args.evaluate:
@@ -393,7 +407,8 @@ def train(local_rank, args, stop):
         if reason == "non-finite":
             in_a_row = args.max_nonfinite_steps if precision.has_scaler else 1
             raise UserError(f"the gradients were not finite at {where} ({in_a_row} step(s) in a row); the weights "
-                            f"of the last good step are in the {saved}. Lower --lr, add --warmup, or check the data")
+                            f"of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
+                            f"schedule to the new value) or check the data")
         log.info(f"=> stopped by {reason} at {where}; {saved}")
         raise SystemExit(128 + stop.signum)
 
@@ -421,6 +436,11 @@ def train(local_rank, args, stop):
                      f"{train_stats['skipped_steps']} steps skipped (non-finite gradients)")
         if train_stats["stopped"]:
             stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
+        # Every rank takes rank 0's BatchNorm statistics, validation or not: all ranks then score, and end with,
+        # the weights that rank 0 saves.
+        runtime.broadcast_buffers(model_without_ddp)
+        if ema is not None:
+            runtime.broadcast_buffers(ema)
         val_stats, ema_stats = {}, {}
         if not args.no_val:
             scored = validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop)
@@ -464,13 +484,11 @@ def train(local_rank, args, stop):
 
 def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
     """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
-    run was asked to stop. BatchNorm statistics come from rank 0 first, so every rank scores what rank 0 saves."""
-    runtime.broadcast_buffers(model_without_ddp)
+    run was asked to stop."""
     scored = engine.inference_model(model_without_ddp, args.fuse_bn)
     val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
     if val_stats is None or ema is None:
         return None if val_stats is None else (val_stats, {})
-    runtime.broadcast_buffers(ema)
     scored = engine.inference_model(ema, args.fuse_bn)
     ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
     return None if ema_stats is None else (val_stats, ema_stats)
@@ -478,8 +496,13 @@ def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, 
 
 def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
-    stopped. Returns (epoch, step, best Acc@1, RNG state to restore mid-epoch)."""
+    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns (epoch, step,
+    best Acc@1, RNG state to restore mid-epoch)."""
     state = checkpoint.load_file(args.resume)
+    missing = [] if args.evaluate else checkpoint.missing_run_state(state)
+    if missing:
+        raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
+                        f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
     checkpoint.load_model_weights(model, state, args.arch, args.resume)
     where = (0, 0, 0.0, None)
     if not args.evaluate:
@@ -493,6 +516,15 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
         if ema is not None and "model_ema" in state:
             ema.load_state_dict(state["model_ema"])
         where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log))
+        if args.start_epoch is not None and args.start_epoch != state["epoch"]:
+            log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
+                        f"checkpoint's epoch {state['epoch']}")
+        saved_lr = scheduler.base_lrs[0]
+        new_lr = args.lr if "lr" in args.explicit_options and args.lr != saved_lr else None
+        factor = recipe.resume_schedule(optimizer, scheduler, new_lr)
+        if new_lr is not None:
+            log.info(f"=> --lr {new_lr} replaces the checkpoint's {saved_lr}: the learning rate schedule is "
+                     f"scaled by {factor:.4g} from here on")
     log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")
     return where

@@ -19,7 +19,7 @@ DECAY_DEFAULTS = {"step": (30.0, 0.1), "exponential": (2.4, 0.97)}  # (every N e
 
 
 def lr_schedule(optimizer, steps_per_epoch, warmup_epochs, epochs, kind="cosine", decay_epochs=None,
-                decay_rate=None, warmup_start_factor=0.1):
+                decay_rate=None, warmup_start_factor=0.1, first_step=0):
     """Per-step LR factor: linear from 0.1x to 1x over the warm-up epochs, then
 
     - cosine: down to 0 at the last step;
@@ -28,7 +28,7 @@ def lr_schedule(optimizer, steps_per_epoch, warmup_epochs, epochs, kind="cosine"
       step defaults to 0.1 every 30 epochs).
 
     Stepped every iteration, so the scheduler's state alone puts a resumed run (even mid-epoch) on the
-    right learning rate.
+    right learning rate. ``first_step``: the step a fresh run starts at (--start-epoch), whose LR it starts with.
     """
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     total_steps = max(epochs * steps_per_epoch, 1)
@@ -45,7 +45,23 @@ def lr_schedule(optimizer, steps_per_epoch, warmup_epochs, epochs, kind="cosine"
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if first_step:
+        # Built as if resumed at first_step - 1: the base LRs come from "initial_lr", which a fresh optimizer lacks.
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=first_step - 1)
+
+
+def resume_schedule(optimizer, scheduler, base_lr=None):
+    """After loading a checkpoint, set the LRs this run's schedule (its --epochs, --warmup...) gives at the saved
+    step, from the first step on; with ``base_lr`` (a new --lr), scaled so that it is the base LR. Returns the
+    factor the base LRs were scaled by."""
+    factor = 1.0 if base_lr is None else base_lr / scheduler.base_lrs[0]
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group, base, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    return factor
 
 
 class RMSpropTF(torch.optim.Optimizer):
