@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import weakref
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -353,6 +354,10 @@ class TrainSampler(Sampler):
         return max(0, len(self.order) - self.start)
 
 
+# Every CheckedLoader of this process, so that close_loaders() can end their workers on any way out of a run.
+_LOADERS = weakref.WeakSet()
+
+
 class CheckedLoader:
     """A DataLoader whose data set's unreadable files are reported from the main process: each path is logged
     once (or, with ``strict``, is an error), and ``skipped`` counts the files skipped in the latest pass."""
@@ -365,20 +370,39 @@ class CheckedLoader:
         self.skipped = 0
         self._events = 0
         self._reported = set()
+        self._batches = None
+        _LOADERS.add(self)
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         self.skipped = 0
-        if not hasattr(self.dataset, "unreadable"):
-            yield from self.loader
-            return
-        self.dataset.unreadable.zero_()
-        for batch in self.loader:
-            self._check()
+        checked = hasattr(self.dataset, "unreadable")
+        if checked:
+            self.dataset.unreadable.zero_()
+        self._batches = iter(self.loader)
+        for batch in self._batches:
+            if checked:
+                self._check()
             yield batch
-        self._check()
+        if checked:
+            self._check()
+
+    def close(self):
+        """End the loader's worker processes now.
+
+        Needed where an exception leaves the run: its traceback keeps the iterator alive, so the workers (which
+        ignore stop signals) would still be running when multiprocessing's exit handler joins them, forever.
+        """
+        batches, self._batches = self._batches, None
+        if getattr(self.loader, "_iterator", None) is batches:
+            self.loader._iterator = None  # a persistent pool: the next pass must not reuse the closed one
+        if hasattr(batches, "_shutdown_workers"):
+            batches._shutdown_workers()  # asks each worker to finish, and waits a few seconds for it
+            for worker in getattr(batches, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()  # stuck in a transform: SIGTERM, which they ignore, would not end it
 
     def _check(self):
         events = int(self.dataset.skip_events)
@@ -396,6 +420,12 @@ class CheckedLoader:
             if self.strict:
                 raise UserError(f"cannot read image {path}: {reason} (--strict-data)")
             self.log.warning(f"=> skipped unreadable image {path}: {reason}")
+
+
+def close_loaders():
+    """End the worker processes of every CheckedLoader of this process (see CheckedLoader.close)."""
+    for loader in list(_LOADERS):
+        loader.close()
 
 
 def _ignore_stop_signals(worker_id):

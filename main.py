@@ -274,6 +274,8 @@ def main_worker(local_rank, args):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     finally:
+        # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.
+        data.close_loaders()
         device.cleanup()
 
 

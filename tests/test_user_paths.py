@@ -1,0 +1,110 @@
+"""What users run into: an error inside the training loop, FPS and step flags at their edges, image formats
+besides JPEG, loader workers and their memory, an interrupted run resumed at an epoch's end, evaluation alone."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import main
+from conftest import ROOT, tiny_flags
+from test_main import expect_error, run_main
+
+# Runs main.py with the loss raising on the N-th training step of one rank. The patch is at module level, so
+# the processes --multiprocessing-distributed spawns (which import this script as __mp_main__) get it too.
+FAILING_RUN = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import torch.distributed as dist
+
+    fail_at, fail_rank = int(os.environ["FAIL_AT_STEP"]), int(os.environ["FAIL_ON_RANK"])
+    original = torch.nn.CrossEntropyLoss.forward
+    calls = []
+
+    def failing_forward(self, output, target):
+        if torch.is_grad_enabled():  # training, not validation
+            calls.append(1)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if len(calls) == fail_at and rank == fail_rank:
+                open(os.environ["FAILED_MARKER"], "w").close()
+                raise ValueError("injected failure in the training loop")
+        return original(self, output, target)
+
+    torch.nn.CrossEntropyLoss.forward = failing_forward
+
+    if __name__ == "__main__":
+        import main
+        main.main(sys.argv[1:])
+""")
+
+DUMMY = ("--dummy", "--dummy-images", "64", "--epochs", "2", "--no-checkpoint")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_error_in_the_training_loop_ends_the_run_and_its_workers(tmp_path, processes):
+    script = tmp_path / "failing_run.py"
+    script.write_text(FAILING_RUN.format(root=ROOT))
+    flags = [*tiny_flags(tmp_path / "out", *DUMMY), "-j", "2"]
+    if processes == 2:
+        flags += ["-b", "16", "--multiprocessing-distributed", "--device-list", "0,1"]
+    marker = tmp_path / "failed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FAIL_AT_STEP="3", FAIL_ON_RANK=str(processes - 1),
+               FAILED_MARKER=str(marker))
+    # A session of its own, so that whatever is left of it after the timeout can be found and killed.
+    proc = subprocess.Popen([sys.executable, str(script), *flags], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        start = time.time()
+        while not marker.exists() and proc.poll() is None and time.time() - start < 300:
+            time.sleep(0.2)  # start-up and two steps: slow on a busy machine
+        out, err = proc.communicate(timeout=60)  # from the error on; generous: only "it did not hang"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not exit after its error:\n{err[-3000:]}")
+    assert proc.returncode != 0
+    logs = err + "".join(p.read_text() for p in (tmp_path / "out").glob("rank*.log"))
+    assert "Traceback" in logs and "ValueError: injected failure in the training loop" in logs, logs
+    # No process of the session (a loader worker, a rank) outlives the run by more than a moment (the
+    # launcher's multiprocessing resource tracker ends once it has cleaned up after the ranks).
+    deadline = time.time() + 30
+    while _session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    survivors = _session_processes(proc.pid)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+def _session_processes(session):
+    listed = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in listed]
+
+
+@pytest.mark.parametrize("warmup", ["0", "1"])
+def test_fps_warmup_of_zero_or_one_measures_every_remaining_step(tmp_path, warmup):
+    summary = run_main(*tiny_flags(tmp_path, *DUMMY, "--fps-warmup-steps", warmup, "--max-steps", "3",
+                                   "--no-val"))
+    assert summary["train_steps"] == 6
+    assert summary["measured_steps"] == 2 * (3 - int(warmup))
+    assert summary["fps"] > 0 and summary["measured_images"] == summary["measured_steps"] * 8
+
+
+@pytest.mark.parametrize("steps, measured", [("1", 1), ("3", 2)])
+def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measured):
+    """A fifth of 1-4 steps is 0 warm-up steps: the run used to crash; now the first of 2 or more is warm-up."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"), "--device=cpu",
+                             "--batch_size=8", f"--steps={steps}", "--workers=0", f"--output_root={tmp_path}", "--",
+                             "--arch", "mnasnet0_5", "--train-crop-size", "48", "--dummy-images", "64"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs8_1p_perf.json").read_text())
+    assert summary["train_steps"] == int(steps) and summary["measured_steps"] == measured
+    assert summary["fps"] > 0
