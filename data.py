@@ -1,6 +1,7 @@
 """Data sets, transforms and loaders: ImageNet folders, synthetic data and the digits demo set."""
 
 import collections
+import contextlib
 import itertools
 import math
 import os
@@ -96,9 +97,23 @@ def val_transform(resize_size, crop_size):
     ])
 
 
-# What PIL raises on a truncated, empty or foreign file (UnidentifiedImageError is an OSError).
+# What PIL and torchvision.io raise on a truncated, empty or foreign file (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
 SKIPPED_LABEL = -1
+
+
+class UnreadableImage(Exception):
+    """A file that no decoder could read; the decoder's error is the ``__cause__``."""
+
+
+@contextlib.contextmanager
+def decoding(source):
+    """Marks the code that reads and decodes ``source``: a decoder's error there is an UnreadableImage. Only
+    there: the same exception types raised by a transform's own code are bugs, and stay tracebacks."""
+    try:
+        yield
+    except DECODE_ERRORS as exc:
+        raise UnreadableImage(f"cannot decode {source}") from exc
 
 
 def _split_item(item):
@@ -137,12 +152,20 @@ class _ClassFolder(datasets.ImageFolder):
     def read_error(self, index):
         """Why sample ``index`` cannot be read, or None."""
         try:
-            self._transform(self.loader(self.samples[index][0]), 0, index)
-        except UnidentifiedImageError:
-            return "not an image format PIL can identify (an empty file, or another kind of file)"
-        except DECODE_ERRORS as exc:
-            return str(exc) or type(exc).__name__
+            self._read(self.samples[index][0], 0, index)
+        except UnreadableImage as exc:
+            cause = exc.__cause__
+            if isinstance(cause, UnidentifiedImageError):
+                return "not an image format PIL can identify (an empty file, or another kind of file)"
+            return str(cause) or type(cause).__name__
         return None
+
+    def _read(self, path, epoch, index):
+        """The transformed sample of one file. The fast pipelines decode inside the transform and mark it
+        (``decoding``); the standard one decodes in the loader."""
+        with decoding(path):
+            image = self.loader(path)
+        return self._transform(image, epoch, index)
 
     def __getitem__(self, item):
         epoch, index = _split_item(item)
@@ -151,9 +174,8 @@ class _ClassFolder(datasets.ImageFolder):
             candidate = (index + offset) % len(self.samples)
             path, target = self.samples[candidate]
             try:
-                # The fast pipelines decode inside the transform, so both are guarded.
-                sample = self._transform(self.loader(path), epoch, index)
-            except DECODE_ERRORS:
+                sample = self._read(path, epoch, index)
+            except UnreadableImage:
                 self.unreadable[candidate] = True
                 self.skip_events += 1
                 # Validation: the next readable image keeps the batch's shape and type, but is not scored.

@@ -9,10 +9,15 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import data
 import main
-from conftest import ROOT, tiny_flags
+import pipeline
+from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main
 
 # Runs main.py with the loss raising on the N-th training step of one rank. The patch is at module level, so
@@ -108,3 +113,79 @@ def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measur
     summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs8_1p_perf.json").read_text())
     assert summary["train_steps"] == int(steps) and summary["measured_steps"] == measured
     assert summary["fps"] > 0
+
+
+# --- image formats: what ImageFolder lists and Pillow reads is an image ---
+
+# (file name, Pillow format): every extension ImageFolder lists, and a GIF under a listed name.
+FORMATS = [("a.bmp", "BMP"), ("b.tif", "TIFF"), ("c.tiff", "TIFF"), ("d.ppm", "PPM"), ("e.pgm", "PPM"),
+           ("f.png", "PNG"), ("g.webp", "WEBP"), ("h_gif_inside.jpg", "GIF"), ("i.jpeg", "JPEG")]
+
+
+@pytest.fixture(scope="module")
+def formats_folder(tmp_path_factory):
+    """The tiny folder, plus one image in each format in every train/ and val/ class."""
+    root = write_image_folder(tmp_path_factory.mktemp("formats"), train_per_class=3, val_per_class=1)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in os.listdir(os.path.join(root, split)):
+            for name, fmt in FORMATS:
+                pixels = rng.integers(0, 255, (44, 52, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels).convert("L" if name.endswith(".pgm") else "RGB")
+                image.save(os.path.join(root, split, cls, name), format=fmt)
+    return root
+
+
+def _datasets(root, name, fast_val=True):
+    args = main.parse_args(["x", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
+                            "--min-crop-scale", "0.5", "--pipeline", name])
+    (train_tf, train_read), (val_tf, val_read) = pipeline.build(name, args, fast_val=fast_val)
+    return data.image_folders(root, train_tf, val_tf, seed=0, loaders=(train_read, val_read))
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_every_image_format_imagefolder_lists_is_read_as_an_image(formats_folder, name):
+    for ds in _datasets(formats_folder, name):
+        for index, (path, label) in enumerate(ds.samples):
+            image, target = ds[index]
+            assert target == label and tuple(image.shape) == (3, 32, 32), path
+        assert not ds.unreadable.any(), [ds.samples[i][0] for i in ds.unreadable.nonzero().flatten()]
+        assert {os.path.splitext(p)[1] for p, _ in ds.samples} >= {".bmp", ".tif", ".ppm", ".pgm", ".webp"}
+
+
+def test_other_formats_train_with_strict_data(formats_folder, tmp_path):
+    summary = run_main(formats_folder, *tiny_flags(tmp_path, "--epochs", "1", "--strict-data", "--pipeline",
+                                                   "tensor", "--fast-val"))
+    assert summary["train_skipped_images"] == 0 and summary["val_skipped_images"] == 0
+    assert summary["val_images"] == 3 * (1 + len(FORMATS))
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_a_corrupt_file_in_any_format_is_still_unreadable(tmp_path, name):
+    root = write_image_folder(tmp_path, train_per_class=2, val_per_class=1)
+    folder = os.path.join(root, "train", "n01_red")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(os.path.join(folder, "cut.bmp"))
+    with open(os.path.join(folder, "cut.bmp"), "r+b") as handle:
+        handle.truncate(200)
+    with open(os.path.join(folder, "text.tif"), "w") as handle:
+        handle.write("not a picture\n")
+    train_set, _ = _datasets(root, name)
+    bad = {i for i, (path, _) in enumerate(train_set.samples) if os.path.basename(path) in ("cut.bmp", "text.tif")}
+    for index in range(len(train_set)):
+        train_set[index]
+    assert set(train_set.unreadable.nonzero().flatten().tolist()) == bad
+    assert all(train_set.read_error(i) for i in bad)
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_folder, monkeypatch, name):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in a transform")
+    # Every pipeline's training crop goes through one of these.
+    monkeypatch.setattr(pipeline.F, "resized_crop", broken)
+    monkeypatch.setattr(pipeline.Image.Image, "resize", broken)
+    monkeypatch.setattr(data.transforms.RandomResizedCrop, "forward", broken)
+    train_set, _ = _datasets(image_folder, name)
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        train_set[0]
+    assert not train_set.unreadable.any()
