@@ -1,6 +1,6 @@
 """Data sets, transforms and loaders: ImageNet folders, synthetic data and the digits demo set."""
 
-import collections
+import collections.abc
 import contextlib
 import itertools
 import math
@@ -10,6 +10,7 @@ import signal
 import tempfile
 import weakref
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -127,6 +128,33 @@ def sample_seed(seed, epoch, index):
     return ((seed * 4099 + epoch) * 2 ** 32 + index) % 2 ** 63
 
 
+class PackedSamples(collections.abc.Sequence):
+    """ImageFolder's (path, class index) list, held in three numpy arrays instead of millions of Python objects.
+
+    Reading a Python object writes its reference count, so each forked loader worker reading a plain list copies
+    the pages it touches: over an ImageNet epoch, most of the list, once per worker (measured with 1.28M samples:
+    134 MiB private memory per worker; 9 MiB packed). Arrays are read without writes: the workers share the main
+    process's copy.
+    """
+
+    def __init__(self, samples):
+        encoded = [os.fsencode(path) for path, _ in samples]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(path) for path in encoded], out=self._offsets[1:])
+        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.targets = np.array([target for _, target in samples], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        path = self._paths[self._offsets[index]:self._offsets[index + 1]].tobytes()
+        return os.fsdecode(path), int(self.targets[index])
+
+
 class _ClassFolder(datasets.ImageFolder):
     """ImageFolder whose class list is given, so val/ shares train/'s label indices, and which survives
     unreadable files.
@@ -141,6 +169,8 @@ class _ClassFolder(datasets.ImageFolder):
         self._given_classes = list(classes)
         # allow_empty: val/ may hold only some of train/'s classes; empty folders are checked by the caller.
         super().__init__(root, transform=transform, loader=loader, allow_empty=True)
+        self.samples = self.imgs = PackedSamples(self.samples)
+        self.targets = self.samples.targets
         self.replace_unreadable = replace_unreadable
         self.seed = seed
         self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
@@ -213,7 +243,7 @@ def _split_folder(data_dir, split):
 
 
 def _check_no_empty_class(ds, folder, class_dirs):
-    counts = collections.Counter(label for _, label in ds.samples)
+    counts = np.bincount(ds.targets, minlength=len(ds.classes))
     empty = [name for name in class_dirs if counts[ds.class_to_idx[name]] == 0]
     if empty:
         shown = ", ".join(os.path.join(folder, name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
@@ -247,7 +277,7 @@ def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader
     for folder, class_dirs, tf, loader, is_train in ((train_dir, classes, train_tf, loaders[0], True),
                                                     (val_dir, val_classes, val_tf, loaders[1], False)):
         ds = _ClassFolder(folder, classes, tf, loader, replace_unreadable=is_train, seed=seed if is_train else None)
-        if not ds.samples:
+        if not len(ds.samples):
             raise UserError(f"no images found in the class folders of {folder} "
                             f"(looked for {', '.join(IMG_EXTENSIONS)})")
         _check_no_empty_class(ds, folder, class_dirs)
@@ -458,7 +488,9 @@ def _ignore_stop_signals(worker_id):
 
 
 def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop_last=False,
-                 pin_memory=False, seed=None, collate_fn=None):
+                 pin_memory=False, seed=None, collate_fn=None, persistent=True):
+    """A DataLoader; with ``persistent`` its workers live from the first pass to the end of the run (training's
+    every epoch), otherwise they end with each pass (validation: not alive beside training's all run long)."""
     # With a seeded generator the shuffle order is reproducible, and so are the worker seeds: the
     # DataLoader derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -470,7 +502,7 @@ def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         generator=generator,
         worker_init_fn=_ignore_stop_signals,
         collate_fn=collate_fn,

@@ -234,7 +234,7 @@ def build_loaders(train_set, val_set, runtime, args, log):
                                      collate_fn=pipeline.collate_bytes if device_decode else None)
     val_decode = device_decode and args.fast_val
     val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
-                                   pin_memory=runtime.pin_memory,
+                                   pin_memory=runtime.pin_memory, persistent=False,
                                    collate_fn=pipeline.collate_bytes if val_decode else None)
     train_transfer = val_transfer = None
     if device_decode:

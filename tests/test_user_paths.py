@@ -189,3 +189,69 @@ def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_fo
     with pytest.raises(ValueError, match="a bug in a transform"):
         train_set[0]
     assert not train_set.unreadable.any()
+
+
+# --- loader workers and host memory ---
+
+def _loaders(image_folder, tmp_path, *extra):
+    import device
+    args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
+    main.check_args(args)
+    runtime = device.Runtime(kind="cpu", device=torch.device("cpu"))
+    train_set, val_set = main.build_datasets(args)
+    return main.build_loaders(train_set, val_set, runtime, args, main.setup_logging(str(tmp_path), "t.log", 0))
+
+
+def test_validation_workers_end_with_each_pass_training_workers_stay(image_folder, tmp_path):
+    import multiprocessing
+    train_loader, val_loader, _ = _loaders(image_folder, tmp_path)
+    try:
+        for _ in train_loader:
+            pass
+        training_workers = set(multiprocessing.active_children())
+        assert len(training_workers) == 2
+        for _ in val_loader:
+            pass
+        # Validation's workers are gone; training's two wait for the next epoch.
+        assert set(multiprocessing.active_children()) == training_workers
+    finally:
+        data.close_loaders()
+    assert not multiprocessing.active_children()
+
+
+def test_image_folder_samples_are_numpy_arrays_not_python_objects(image_folder):
+    train_set, val_set = _datasets(image_folder, "fast")
+    for ds in (train_set, val_set):
+        assert not isinstance(ds.samples, list)
+        assert all(isinstance(value, np.ndarray) for value in vars(ds.samples).values())
+        listed = data.datasets.ImageFolder(ds.root, allow_empty=True).samples
+        assert [(path, ds.classes[label]) for path, label in ds.samples] == [
+            (path, os.path.basename(os.path.dirname(path))) for path, _ in listed]
+
+
+def _private_mib():
+    with open("/proc/self/smaps_rollup") as handle:
+        fields = dict(line.split()[:2] for line in handle if line.split()[0].startswith("Private"))
+    return sum(int(value) for value in fields.values()) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux /proc only")
+def test_a_forked_worker_reading_every_sample_does_not_copy_the_list():
+    plain = [(f"/data/imagenet/train/n{c:08d}/n{c:08d}_{i:06d}.JPEG", c) for i in range(300) for c in range(1000)]
+    packed = data.PackedSamples(plain)
+    assert packed[12345] == plain[12345] and packed[-1] == plain[-1] and len(packed) == len(plain)
+    growth = {}
+    for name, samples in (("list", plain), ("packed", packed)):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a loader worker: forked, reads each sample once
+            before = _private_mib()
+            for index in range(len(samples)):
+                samples[index]
+            os.write(write, str(_private_mib() - before).encode())
+            os._exit(0)
+        os.close(write)
+        growth[name] = float(os.read(read, 100))
+        os.waitpid(pid, 0)
+    # The list's pages are copied into the worker (about 30 MiB here); the arrays' are not.
+    assert growth["list"] > 10 and growth["packed"] < 3, growth
