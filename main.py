@@ -153,6 +153,11 @@ def check_args(args):
     for name in ("epochs", "batch_size", "print_freq", "model_ema_steps", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_steps", "fps_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("-j/--workers must be at least 0")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
         raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
                         "native torch.amp is O1-style autocast")
@@ -338,6 +343,7 @@ def train(local_rank, args, stop):
                                                                  precision, ema, runtime, log)
     if args.start_epoch is not None:
         start_epoch, start_step = args.start_epoch, 0
+    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, steps_per_epoch)
 
     summary = new_summary(args, runtime)
     if args.evaluate:
@@ -485,6 +491,12 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")
     return where
+
+
+def first_unfinished_step(epoch, step, steps_per_epoch):
+    """Where training goes on from a resumed (epoch, step): a run stopped after the last step of an epoch goes on
+    with the next one, rather than an empty epoch without training figures."""
+    return (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
 
 
 def resumed_rng_state(state, runtime, log):

@@ -255,3 +255,36 @@ def test_a_forked_worker_reading_every_sample_does_not_copy_the_list():
         os.waitpid(pid, 0)
     # The list's pages are copied into the worker (about 30 MiB here); the arrays' are not.
     assert growth["list"] > 10 and growth["packed"] < 3, growth
+
+
+# --- smaller user paths ---
+
+@pytest.mark.parametrize("flag", ["--max-steps", "-j", "--fps-warmup-steps"])
+def test_negative_counts_are_an_error(image_folder, tmp_path, capsys, flag):
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), flag, "-1"], flag.split("/")[0], "at least 0")
+
+
+def test_a_stop_after_an_epochs_last_step_resumes_with_the_next_epoch(image_folder, tmp_path, monkeypatch):
+    """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4); the resumed run trains epoch 1 only, and
+    writes no row without training figures."""
+    import device
+    original, calls = device.Precision.step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    monkeypatch.setattr(device.Precision, "step", step_then_sigterm)
+    flags = ("--epochs", "2", "--seed", "1", "--warmup", "1")
+    with pytest.raises(SystemExit):
+        run_main(image_folder, *tiny_flags(tmp_path, *flags))
+    monkeypatch.undo()
+    resumed = run_main(image_folder, *tiny_flags(tmp_path, *flags, "--resume", str(tmp_path / "checkpoint.pth.tar")))
+    assert [row["epoch"] for row in resumed["history"]] == [1]
+    assert all(row["train_loss"] is not None for row in resumed["history"])
+    assert resumed["train_steps"] == 4
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1"] and all(row["train_loss"] for row in rows), rows
