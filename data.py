@@ -251,20 +251,36 @@ def _check_no_empty_class(ds, folder, class_dirs):
                         f"{shown}")
 
 
-def check_layout(data_dir):
+def _check_known_classes(val_dir, val_classes, classes, source):
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {source} lacks: {shown}")
+
+
+def check_layout(data_dir, need_train=True):
     """The folder-level checks of a data set (no file is listed, so it is quick on ImageNet's 1.28M images):
-    ((train/, its classes), (val/, its classes)), or a UserError naming what is wrong."""
+    ((train/, its classes), (val/, its classes)), or a UserError naming what is wrong. Without ``need_train``
+    (evaluation) a missing train/ is no error: the first item is then None."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
         raise UserError(f"data folder {data_dir} {what}")
-    train_dir, classes = _split_folder(data_dir, "train")
+    train = None
+    if need_train or os.path.exists(os.path.join(data_dir, "train")):
+        train = _split_folder(data_dir, "train")
     val_dir, val_classes = _split_folder(data_dir, "val")
-    unknown = sorted(set(val_classes) - set(classes))
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UserError(f"{val_dir} has {len(unknown)} class folder(s) that {train_dir} lacks: {shown}")
-    return (train_dir, classes), (val_dir, val_classes)
+    if train is not None:
+        _check_known_classes(val_dir, val_classes, train[1], train[0])
+    return train, (val_dir, val_classes)
+
+
+def _image_folder(folder, classes, class_dirs, transform, loader, is_train, seed):
+    ds = _ClassFolder(folder, classes, transform, loader, replace_unreadable=is_train, seed=seed if is_train else None)
+    if not len(ds.samples):
+        raise UserError(f"no images found in the class folders of {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
+    _check_no_empty_class(ds, folder, class_dirs)
+    return ds
 
 
 def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader)):
@@ -273,16 +289,23 @@ def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader
     ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder.
     ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
     (train_dir, classes), (val_dir, val_classes) = check_layout(data_dir)
-    sets = []
-    for folder, class_dirs, tf, loader, is_train in ((train_dir, classes, train_tf, loaders[0], True),
-                                                    (val_dir, val_classes, val_tf, loaders[1], False)):
-        ds = _ClassFolder(folder, classes, tf, loader, replace_unreadable=is_train, seed=seed if is_train else None)
-        if not len(ds.samples):
-            raise UserError(f"no images found in the class folders of {folder} "
-                            f"(looked for {', '.join(IMG_EXTENSIONS)})")
-        _check_no_empty_class(ds, folder, class_dirs)
-        sets.append(ds)
-    return tuple(sets)
+    return (_image_folder(train_dir, classes, classes, train_tf, loaders[0], True, seed),
+            _image_folder(val_dir, classes, val_classes, val_tf, loaders[1], False, None))
+
+
+def val_image_folder(data_dir, val_tf, classes=None, loader=default_loader):
+    """The val/ set alone, for evaluation: labelled by ``classes`` (the evaluated checkpoint's) when given, else
+    by train/'s class folders, the order training used."""
+    train, (val_dir, val_classes) = check_layout(data_dir, need_train=False)
+    if classes is not None:
+        _check_known_classes(val_dir, val_classes, classes, "the checkpoint's class list")
+    elif train is not None:
+        classes = train[1]
+    else:
+        raise UserError(f"{os.fspath(data_dir)} has no train/ to take the class order from, and the checkpoint "
+                        "does not record its classes (main.py's checkpoints do): add train/ with one folder per "
+                        "class")
+    return _image_folder(val_dir, list(classes), val_classes, val_tf, loader, False, None)
 
 
 class SyntheticImages(Dataset):

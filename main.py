@@ -207,7 +207,7 @@ def check_args(args):
         args.data_dir = data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     else:
         args.data_dir = args.data
-        data.check_layout(args.data_dir)
+        data.check_layout(args.data_dir, need_train=not args.evaluate)
 
     try:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -218,41 +218,57 @@ def check_args(args):
 
 
 def build_datasets(args):
+    """(train set, val set); with -e the train set is None (evaluation reads val/ alone)."""
     if args.data_dir is None:
         val_images = max(args.dummy_images // 25, 1)
-        return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
-                data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
+        val_set = data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1)
+        if args.evaluate:
+            return None, val_set
+        return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
     (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
+    if args.evaluate:
+        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read)
     return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read))
+
+
+def evaluated_classes(args):
+    """The class folder names the evaluated checkpoint records (main.py's do), or None."""
+    state = checkpoint.load_file(args.resume or args.pretrained)
+    classes = state.get("classes") if isinstance(state, dict) else None
+    return classes if isinstance(classes, (list, tuple)) else None
 
 
 def build_loaders(train_set, val_set, runtime, args, log):
     per_process_batch = args.batch_size // runtime.world_size
     workers = args.workers if args.workers is not None else default_workers(runtime)
-    # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
-    # the same order as an uninterrupted one.
-    train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
     val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
     device_decode = args.pipeline == "gpu" and args.data_dir is not None
-    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
-                                     pin_memory=runtime.pin_memory, seed=args.seed,
-                                     collate_fn=pipeline.collate_bytes if device_decode else None)
     val_decode = device_decode and args.fast_val
     val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
                                    pin_memory=runtime.pin_memory, persistent=False,
                                    collate_fn=pipeline.collate_bytes if val_decode else None)
-    train_transfer = val_transfer = None
-    if device_decode:
-        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
+    val_transfer = None
     if val_decode:
         val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size)
+    # Unreadable files are reported as batches leave the workers; the device stage comes last.
+    val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
+    if train_set is None:
+        return None, val_loader, None  # -e
+
+    # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
+    # the same order as an uninterrupted one.
+    train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
+    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
+                                     pin_memory=runtime.pin_memory, seed=args.seed,
+                                     collate_fn=pipeline.collate_bytes if device_decode else None)
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
                         "lower -b/--batch-size")
-    # Unreadable files are reported as batches leave the workers; the device stage comes last.
+    train_transfer = None
+    if device_decode:
+        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
     return (prefetch.DeviceLoader(data.CheckedLoader(train_loader, args.strict_data, log), runtime, train_transfer),
-            prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer),
-            train_sampler)
+            val_loader, train_sampler)
 
 
 def usable_cpus():
@@ -298,12 +314,15 @@ def train(local_rank, args, stop):
                         f"across {runtime.world_size} processes")
 
     train_set, val_set = build_datasets(args)
-    num_classes = len(train_set.classes)
-    log.info(f"=> {args.arch}, {num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+    # Both sets are labelled by the same class list (with -e there is no train set).
+    classes = val_set.classes
+    num_classes = len(classes)
+    train_images = f"{len(train_set)} train / " if train_set is not None else ""
+    log.info(f"=> {args.arch}, {num_classes} classes, {train_images}{len(val_set)} val images, "
              f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
 
     # Class folder names travel in the checkpoint, so classify.py can name its predictions.
-    class_names = list(train_set.classes) if args.data_dir is not None else None
+    class_names = list(classes) if args.data_dir is not None else None
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
     if args.pretrained:
@@ -332,7 +351,9 @@ def train(local_rank, args, stop):
         checkpoint.check_free_space(args.output_dir, model_without_ddp)
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
-    steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
+    # -e has no training loader: its schedule is built, never stepped.
+    steps_per_epoch = len(train_loader) if train_loader is not None else 1
+    steps_per_epoch = min(steps_per_epoch, args.max_steps) if args.max_steps else steps_per_epoch
     scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
                                    args.lr_decay_epochs, args.lr_decay_rate)
     mix = data.batch_mix(num_classes, args.mixup, args.cutmix)

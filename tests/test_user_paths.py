@@ -288,3 +288,34 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_the_next_epoch(image_fold
     with open(tmp_path / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1"] and all(row["train_loss"] for row in rows), rows
+
+
+@pytest.fixture(scope="module")
+def one_epoch(image_folder, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("one_epoch")
+    summary = run_main(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--seed", "0"))
+    return output_dir / "checkpoint.pth.tar", summary
+
+
+def test_evaluate_needs_only_val_and_the_checkpoints_classes(image_folder, one_epoch, tmp_path):
+    import shutil
+    path, trained = one_epoch
+    val_only = tmp_path / "val_only"
+    shutil.copytree(os.path.join(image_folder, "val"), val_only / "val")
+    # Class n01_red's folder missing too: labels still follow the checkpoint's class list.
+    shutil.rmtree(val_only / "val" / "n01_red")
+    full = run_main(image_folder, *tiny_flags(tmp_path / "full", "-e", "--resume", str(path)))
+    assert full["val_acc1"] == pytest.approx(trained["val_acc1"])
+    # -b 64: more than the 36 training images (evaluation needs no training batch).
+    alone = run_main(str(val_only), *tiny_flags(tmp_path / "alone", "-e", "--resume", str(path), "-b", "64"))
+    assert alone["val_images"] == 10
+
+
+def test_evaluate_without_train_or_recorded_classes_is_one_line(image_folder, one_epoch, tmp_path, capsys):
+    import shutil
+    path, _ = one_epoch
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(path, weights_only=True)["state_dict"], bare)  # weights only: no class list
+    shutil.copytree(os.path.join(image_folder, "val"), tmp_path / "val_only" / "val")
+    expect_error(capsys, [str(tmp_path / "val_only"), *tiny_flags(tmp_path, "-e", "--pretrained", str(bare))],
+                 "no train/", "classes")
