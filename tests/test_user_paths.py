@@ -2,7 +2,9 @@
 besides JPEG, loader workers and their memory, an interrupted run resumed at an epoch's end, evaluation alone."""
 import csv
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import device
 import main
 import pipeline
 from conftest import ROOT, tiny_flags, write_image_folder
@@ -194,7 +197,6 @@ def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_fo
 # --- loader workers and host memory ---
 
 def _loaders(image_folder, tmp_path, *extra):
-    import device
     args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
     main.check_args(args)
     runtime = device.Runtime(kind="cpu", device=torch.device("cpu"))
@@ -203,7 +205,6 @@ def _loaders(image_folder, tmp_path, *extra):
 
 
 def test_validation_workers_end_with_each_pass_training_workers_stay(image_folder, tmp_path):
-    import multiprocessing
     train_loader, val_loader, _ = _loaders(image_folder, tmp_path)
     try:
         for _ in train_loader:
@@ -267,7 +268,6 @@ def test_negative_counts_are_an_error(image_folder, tmp_path, capsys, flag):
 def test_a_stop_after_an_epochs_last_step_resumes_with_the_next_epoch(image_folder, tmp_path, monkeypatch):
     """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4); the resumed run trains epoch 1 only, and
     writes no row without training figures."""
-    import device
     original, calls = device.Precision.step, []
 
     def step_then_sigterm(*args, **kwargs):
@@ -298,7 +298,6 @@ def one_epoch(image_folder, tmp_path_factory):
 
 
 def test_evaluate_needs_only_val_and_the_checkpoints_classes(image_folder, one_epoch, tmp_path):
-    import shutil
     path, trained = one_epoch
     val_only = tmp_path / "val_only"
     shutil.copytree(os.path.join(image_folder, "val"), val_only / "val")
@@ -312,7 +311,6 @@ def test_evaluate_needs_only_val_and_the_checkpoints_classes(image_folder, one_e
 
 
 def test_evaluate_without_train_or_recorded_classes_is_one_line(image_folder, one_epoch, tmp_path, capsys):
-    import shutil
     path, _ = one_epoch
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(path, weights_only=True)["state_dict"], bare)  # weights only: no class list
