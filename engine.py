@@ -97,7 +97,6 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     interval, epoch_sums = MetricSums(runtime.device), MetricSums(runtime.device)
     step_time, data_time, loss_avg, top1_avg, top5_avg = (Average() for _ in range(5))
     global_batch = 0
-    window_start = None
     window_first_step = start_step + throughput.warmup_steps
 
     # On a terminal only: log files (and pipes) get exactly the reference's lines.
@@ -105,6 +104,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
                file=sys.stdout, disable=not (runtime.is_main and interactive()))
     runtime.synchronize()
     interval_start = last_step_end = time.perf_counter()
+    # Without warm-up steps the measured window opens now, before the first step.
+    window_start = interval_start if window_first_step == start_step else None
     interval_steps, interval_data = 0, 0.0
     for step, (images, target) in enumerate(loader, start_step):
         if step >= steps:

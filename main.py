@@ -169,6 +169,11 @@ def check_args(args):
     for name in ("epochs", "batch_size", "print_freq", "model_ema_steps", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_steps", "fps_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 0")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("-j/--workers must be at least 0")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
         raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
                         "native torch.amp is O1-style autocast")
@@ -221,7 +226,7 @@ def check_args(args):
         args.data_dir = data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     else:
         args.data_dir = args.data
-        data.check_layout(args.data_dir)
+        data.check_layout(args.data_dir, need_train=not args.evaluate)
 
     try:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -232,41 +237,57 @@ def check_args(args):
 
 
 def build_datasets(args):
+    """(train set, val set); with -e the train set is None (evaluation reads val/ alone)."""
     if args.data_dir is None:
         val_images = max(args.dummy_images // 25, 1)
-        return (data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0),
-                data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1))
+        val_set = data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1)
+        if args.evaluate:
+            return None, val_set
+        return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
     (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
+    if args.evaluate:
+        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read)
     return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read))
+
+
+def evaluated_classes(args):
+    """The class folder names the evaluated checkpoint records (main.py's do), or None."""
+    state = checkpoint.load_file(args.resume or args.pretrained)
+    classes = state.get("classes") if isinstance(state, dict) else None
+    return classes if isinstance(classes, (list, tuple)) else None
 
 
 def build_loaders(train_set, val_set, runtime, args, log):
     per_process_batch = args.batch_size // runtime.world_size
     workers = args.workers if args.workers is not None else default_workers(runtime)
+    val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
+    device_decode = args.pipeline == "gpu" and args.data_dir is not None
+    val_decode = device_decode and args.fast_val
+    val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
+                                   pin_memory=runtime.pin_memory, persistent=False,
+                                   collate_fn=pipeline.collate_bytes if val_decode else None)
+    val_transfer = None
+    if val_decode:
+        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size)
+    # Unreadable files are reported as batches leave the workers; the device stage comes last.
+    val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
+    if train_set is None:
+        return None, val_loader, None  # -e
+
     # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
     # the same order as an uninterrupted one.
     train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
-    val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
-    device_decode = args.pipeline == "gpu" and args.data_dir is not None
     train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
                                      pin_memory=runtime.pin_memory, seed=args.seed,
                                      collate_fn=pipeline.collate_bytes if device_decode else None)
-    val_decode = device_decode and args.fast_val
-    val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
-                                   pin_memory=runtime.pin_memory,
-                                   collate_fn=pipeline.collate_bytes if val_decode else None)
-    train_transfer = val_transfer = None
-    if device_decode:
-        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
-    if val_decode:
-        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size)
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
                         "lower -b/--batch-size")
-    # Unreadable files are reported as batches leave the workers; the device stage comes last.
+    train_transfer = None
+    if device_decode:
+        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
     return (prefetch.DeviceLoader(data.CheckedLoader(train_loader, args.strict_data, log), runtime, train_transfer),
-            prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer),
-            train_sampler)
+            val_loader, train_sampler)
 
 
 def usable_cpus():
@@ -302,6 +323,8 @@ def main_worker(local_rank, args):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     finally:
+        # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.
+        data.close_loaders()
         device.cleanup()
 
 
@@ -319,12 +342,15 @@ def train(local_rank, args, stop):
                         f"across {runtime.world_size} processes")
 
     train_set, val_set = build_datasets(args)
-    num_classes = len(train_set.classes)
-    log.info(f"=> {args.arch}, {num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+    # Both sets are labelled by the same class list (with -e there is no train set).
+    classes = val_set.classes
+    num_classes = len(classes)
+    train_images = f"{len(train_set)} train / " if train_set is not None else ""
+    log.info(f"=> {args.arch}, {num_classes} classes, {train_images}{len(val_set)} val images, "
              f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
 
     # Class folder names travel in the checkpoint, so classify.py can name its predictions.
-    class_names = list(train_set.classes) if args.data_dir is not None else None
+    class_names = list(classes) if args.data_dir is not None else None
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
     if args.pretrained:
@@ -353,7 +379,9 @@ def train(local_rank, args, stop):
         checkpoint.check_free_space(args.output_dir, model_without_ddp)
 
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
-    steps_per_epoch = min(len(train_loader), args.max_steps) if args.max_steps else len(train_loader)
+    # -e has no training loader: its schedule is built, never stepped.
+    steps_per_epoch = len(train_loader) if train_loader is not None else 1
+    steps_per_epoch = min(steps_per_epoch, args.max_steps) if args.max_steps else steps_per_epoch
     start_epoch, start_step, best_acc1, resumed_rng = args.start_epoch or 0, 0, 0.0, None
     # A fresh run from --start-epoch N takes the learning rate an uninterrupted run has at epoch N.
     scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
@@ -363,6 +391,7 @@ def train(local_rank, args, stop):
     if args.resume:
         start_epoch, start_step, best_acc1, resumed_rng = resume(args, model_without_ddp, optimizer, scheduler,
                                                                  precision, ema, runtime, log)
+    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, steps_per_epoch)
 
     summary = new_summary(args, runtime)
     if args.evaluate:
@@ -528,6 +557,12 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")
     return where
+
+
+def first_unfinished_step(epoch, step, steps_per_epoch):
+    """Where training goes on from a resumed (epoch, step): a run stopped after the last step of an epoch goes on
+    with the next one, rather than an empty epoch without training figures."""
+    return (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
 
 
 def resumed_rng_state(state, runtime, log):

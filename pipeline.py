@@ -15,6 +15,7 @@ Validation keeps the standard pixels (PIL resize, centre crop, uint8 out) unless
 """
 import math
 import warnings
+from io import BytesIO
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class FastTrain:
         self.small = small
 
     def __call__(self, path):
-        with Image.open(path) as img:
+        with _open(path) as img:
             # get_params reads only the header's size, so the decoder can still be told to shrink.
             top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, RATIO)
             box = (left, top, left + width, top + height)
@@ -93,6 +94,7 @@ class FastTrain:
             if drafted or self.small == "pil":
                 if drafted:
                     box = _draft(img, box, self.size)
+                _load(img, path)
                 img = img if img.mode == "RGB" else img.convert("RGB")
                 return _pil_to_uint8(_flip(img.resize(self.size, Image.BILINEAR, box=box)))
         out = F.resized_crop(decode(path), top, left, height, width, list(self.size), antialias=True)
@@ -110,7 +112,7 @@ class FastVal:
         self.fast = fast
 
     def __call__(self, path):
-        with Image.open(path) as img:
+        with _open(path) as img:
             width, height = img.size
             shorter = min(width, height)
             target = (self.resize_size * width / shorter, self.resize_size * height / shorter)
@@ -118,16 +120,38 @@ class FastVal:
             if drafted or not self.fast:
                 if drafted:
                     _draft(img, (0, 0, width, height), target)
+                _load(img, path)
                 img = img if img.mode == "RGB" else img.convert("RGB")
                 return _pil_to_uint8(transforms.functional.center_crop(
                     transforms.functional.resize(img, self.resize_size), self.crop_size))
         return resize_center_crop(decode(path), self.resize_size, self.crop_size)
 
 
+def _open(path):
+    """The file's header, read by PIL (data.UnreadableImage if it is not an image)."""
+    with data.decoding(path):
+        return Image.open(path)
+
+
+def _load(img, path):
+    """Decode the pixels (after any draft()), so that what fails here is the file, not a later transform."""
+    with data.decoding(path):
+        img.load()
+
+
 def decode(path_or_bytes):
-    """RGB uint8 CHW from a path or the file's bytes, by torchvision.io (JPEG, PNG, ...)."""
-    raw = io.read_file(path_or_bytes) if isinstance(path_or_bytes, str) else path_or_bytes
-    return io.decode_image(raw, mode=io.ImageReadMode.RGB)
+    """RGB uint8 CHW (the first frame of an animation) from a path or the file's bytes: torchvision.io for the
+    formats it decodes (JPEG, PNG, WebP, GIF), PIL for the others ImageFolder lists (BMP, TIFF, PPM/PGM) and
+    for files torchvision.io refuses; data.UnreadableImage when neither can read it."""
+    source = path_or_bytes if isinstance(path_or_bytes, str) else "image bytes"
+    with data.decoding(source):
+        raw = io.read_file(path_or_bytes) if isinstance(path_or_bytes, str) else path_or_bytes
+        try:
+            image = io.decode_image(raw, mode=io.ImageReadMode.RGB)
+        except RuntimeError:
+            with Image.open(BytesIO(raw.numpy().tobytes())) as img:
+                return _pil_to_uint8(img)
+    return image[0] if image.ndim == 4 else image
 
 
 def random_resized_crop_flip(image, size, scale):

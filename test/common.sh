@@ -72,7 +72,7 @@ describe_option() {
                 fi ;;
         loss_scale) echo "SCALE   dynamic or a number (default dynamic)" ;;
         steps) echo "N       training steps measured per epoch (default $PERF_STEPS; on CPU $CPU_PERF_STEPS)" ;;
-        fps_warmup_steps) echo "N       first steps left out of the FPS (default $PERF_FPS_WARMUP, at most a fifth of --steps)" ;;
+        fps_warmup_steps) echo "N       first steps left out of the FPS (default $PERF_FPS_WARMUP, at most a fifth of --steps, at least 1 of 2 or more)" ;;
         resume) if [[ $kind == eval ]]; then
                     echo "PATH    checkpoint to evaluate (default <output_root>/<id>/model_best.pth.tar)"
                 else
@@ -241,7 +241,10 @@ resolve_settings() {
         fi
     fi
     ((batch_size % nproc == 0)) || die "--batch_size=$batch_size must be a multiple of the $nproc processes"
-    fps_warmup=${opt_fps_warmup_steps:-$((steps / 5 < PERF_FPS_WARMUP ? steps / 5 : PERF_FPS_WARMUP))}
+    # A fifth of the steps, at most PERF_FPS_WARMUP; at least the first step (loader start-up) when 2 or more run.
+    fps_warmup=$((steps / 5 < PERF_FPS_WARMUP ? steps / 5 : PERF_FPS_WARMUP))
+    ((fps_warmup == 0 && steps > 1)) && fps_warmup=1
+    fps_warmup=${opt_fps_warmup_steps:-$fps_warmup}
     ((fps_warmup < steps)) || die "--fps_warmup_steps=$fps_warmup leaves no measured step out of --steps=$steps"
     epochs=${opt_epochs:-$([[ $kind == perf ]] && echo 1 || echo $EPOCHS)}
     lr=${opt_lr:-$lr}
