@@ -15,6 +15,8 @@
 Run as a script, it re-executes itself under tcmalloc or jemalloc when one is installed (see
 ``preload_fast_allocator``).
 """
+import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
+
 import argparse
 import copy
 import ctypes.util

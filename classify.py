@@ -6,6 +6,8 @@
 Names are the class folder names stored in our checkpoints; a 1000-class model whose file names none, or
 whose folders are WordNet ids (n01440764 ...), gets the ImageNet names torchvision ships.
 """
+import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
+
 import argparse
 import re
 import sys

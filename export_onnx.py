@@ -6,6 +6,8 @@
 Reads our checkpoints, ``module.``-prefixed ones and torchvision's state dicts. The replacement for the
 reference's pthtar2onnx.py; feed the file to ATC with e.g. ``--input_shape="input:16,3,224,224"``.
 """
+import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
+
 import argparse
 import os
 import sys
