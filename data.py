@@ -35,8 +35,6 @@ DEMO_DEFAULTS = {
     "nesterov": True,
     "weight_decay": 1e-5,
     "label_smoothing": 0.1,
-    # ~330 steps in all: 0.01 leaves the running statistics behind the weights and validation at chance.
-    "bn_momentum": 0.1,
     # The digits are 32 px; 48 px crops give the net a 2x2 final feature map.
     "train_crop_size": 48,
     # Digits fill the whole image, so ImageNet's 8%-area crops would often cut the digit away.
