@@ -217,3 +217,36 @@ def test_compile_on_npu_is_refused_naming_torch_npus_backends(monkeypatch, tmp_p
     with pytest.raises(UserError) as error:
         main.check_args(args)
     assert "npugraph_ex" in str(error.value) and "torchair" not in str(error.value)
+
+
+def test_device_check_runs_on_the_cpu_and_passes():
+    """tools/device_check.sh in miniature: every check that can run on the CPU passes; the fp16 overflow check
+    says SKIP (bf16 has no loss scaler), and so does bench.py with --quick."""
+    done = subprocess.run([os.path.join(ROOT, "tools", "device_check.sh"), "--device", "cpu", "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for name in ("amp-training", "resume", "jpeg-pipeline", "eval"):
+        assert any(line.startswith(f"PASS {name}:") for line in lines), done.stdout
+    assert any(line.startswith("SKIP overflow:") for line in lines) and "bit-identical" in done.stdout
+    assert not any(line.startswith("FAIL") for line in lines), done.stdout
+
+
+def test_device_check_comparisons_print_fail_on_broken_results(capsys):
+    weights = {"w": torch.ones(3), "n": torch.tensor(5)}
+    report = device_check.Report()
+    report.check("resume", *device_check.same_weights(weights, {"w": torch.tensor([1.0, 1.0, 1.01]),
+                                                                "n": torch.tensor(5)}, rtol=0))
+    report.check("resume", *device_check.same_weights(weights, {"w": torch.ones(3), "n": torch.tensor(6)}, rtol=1))
+    report.check("overflow", *device_check.weights_finite({"w": torch.tensor([1.0, float("nan")])}))
+    report.check("amp-training", *device_check.loss_fell([{"train_loss": 6.9}, {"train_loss": 7.0}]))
+    evaluated = {"val_images": 100, "val_acc1": 50.0, "val_acc5": 90.0, "val_loss": 1.0}
+    report.check("eval", *device_check.evaluations_agree({"eager": evaluated, "compile": {**evaluated, "val_acc1": 52.0}}))
+    report.check("eval", *device_check.evaluations_agree({"eager": evaluated, "compile": {**evaluated, "val_loss": 1.01}}))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6 and all(line.startswith("FAIL ") for line in out) and report.failed, out
+    # and what agrees passes: within one image, within the tolerance
+    assert device_check.evaluations_agree({"a": evaluated, "b": {**evaluated, "val_acc1": 51.0,
+                                                                 "val_loss": 1.0005}})[0]
+    assert device_check.same_weights(weights, {"w": torch.tensor([1.0, 1.0, 1.0001]), "n": torch.tensor(5)},
+                                     rtol=1e-3)[0]
