@@ -280,8 +280,10 @@ class Runtime:
 
     def data_parallel(self, model):
         """DDP without a buffer sync at every forward (``Runtime.broadcast_buffers`` gives validation rank 0's
-        BatchNorm statistics instead). torch 2.14 renamed that option ``forward_sync_buffers`` (the old name warns); older
-        torch, as Ascend's torch_npu builds ship, knows only the old name."""
+        BatchNorm statistics instead). torch 2.13 deprecated that option's name ``broadcast_buffers`` for
+        ``forward_sync_buffers`` (the old name gives a FutureWarning); ``forward_sync_buffers=False`` still copies
+        rank 0's buffers once, when DDP wraps the model. Older torch, as Ascend's torch_npu builds ship, knows only
+        the old name."""
         parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
         return nn.parallel.DistributedDataParallel(model, device_ids=None if self.kind == "cpu" else [self.device],
@@ -319,6 +321,8 @@ def setup_runtime(args, local_rank):
             raise UserError(f"local rank {local_rank} has no device: --device-list names only {ids}")
         device = torch.device(kind, index)
         device_module(kind).set_device(device)
+        # Every step's batch has the same shape: cuDNN times its convolution algorithms once and keeps the fastest.
+        torch.backends.cudnn.benchmark = kind == "cuda"
 
     if world_size > 1:
         backend = args.dist_backend or BACKENDS[kind]

@@ -204,8 +204,9 @@ def check_args(args):
     if args.amp and args.amp_backend == "apex":
         args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
     if args.compile and args.device_kind == "npu":
-        raise UserError("--compile: torch.compile on NPU needs Ascend's torchair backend, which this project "
-                        "does not drive; leave --compile off on NPU")
+        raise UserError("--compile is refused on NPU: torch_npu registers its own torch.compile backends (npu, "
+                        "npugraph_ex, npugraphs), but this project has not been tested with them on an NPU; leave "
+                        "--compile off on NPU")
     if args.pipeline == "gpu" and args.device_kind == "npu":
         raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
     if (args.auto_augment or args.random_erase) and args.pipeline != "standard":
@@ -268,7 +269,8 @@ def build_loaders(train_set, val_set, runtime, args, log):
                                    collate_fn=pipeline.collate_bytes if val_decode else None)
     val_transfer = None
     if val_decode:
-        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size)
+        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size,
+                                             strict=args.strict_data, log=log)
     # Unreadable files are reported as batches leave the workers; the device stage comes last.
     val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
     if train_set is None:
@@ -285,7 +287,8 @@ def build_loaders(train_set, val_set, runtime, args, log):
                         "lower -b/--batch-size")
     train_transfer = None
     if device_decode:
-        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0))
+        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0),
+                                               strict=args.strict_data, log=log)
     return (prefetch.DeviceLoader(data.CheckedLoader(train_loader, args.strict_data, log), runtime, train_transfer),
             val_loader, train_sampler)
 

@@ -7,7 +7,8 @@
   scale (``draft()``) and cropped + resized in one ``resize(box=...)``; other images are decoded by
   ``torchvision.io`` and cropped + resized as uint8 tensors (faster than PIL at 300-500 px); uint8 out.
 - ``tensor``: ``torchvision.io`` decode and tensor crop/resize on uint8 tensors.
-- ``gpu``: workers only read the file bytes; JPEGs are decoded and augmented on the device (prefetch.py).
+- ``gpu``: workers read the file bytes and check the header (``check_encoded``); JPEGs are decoded and augmented
+  on the device (prefetch.py).
 
 Every pipeline draws its random numbers as torchvision's RandomResizedCrop + RandomHorizontalFlip do
 (crop parameters, then one ``torch.rand(1)`` for the flip), so with the same seed all give the same crops.
@@ -16,6 +17,7 @@ Validation keeps the standard pixels (PIL resize, centre crop, uint8 out) unless
 import math
 import warnings
 from io import BytesIO
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,8 +42,33 @@ def path_loader(path):
     return path
 
 
+class EncodedFile(NamedTuple):
+    """An image file's bytes as the ``gpu`` pipeline's workers hand them on, with the path for error messages."""
+    data: torch.Tensor
+    path: str
+
+
 def bytes_loader(path):
-    return io.read_file(path)
+    """The file's bytes, after a header check: the device decodes them in the main process, so the worker
+    (whose errors data.py's guard catches, counts and replaces) turns away what is plainly unreadable."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    check_encoded(raw)
+    return EncodedFile(torch.frombuffer(bytearray(raw), dtype=torch.uint8), path)
+
+
+def check_encoded(raw):
+    """Raise OSError (via PIL) unless ``raw`` starts like an image PIL knows, with a non-empty size. A JPEG (MPO:
+    a camera's multi-picture JPEG) must also end: its last end-of-image marker must follow its last start-of-scan
+    one, which a truncated file lacks (inside compressed data 0xFF is always escaped, so neither marker occurs
+    there). Reads the header only, not the pixels: corrupt compressed data passes, and DeviceDecode handles it."""
+    with Image.open(BytesIO(raw)) as img:
+        width, height = img.size
+        kind = img.format
+    if not width or not height:
+        raise OSError(f"{kind} header gives an empty size {width}x{height}")
+    if kind in ("JPEG", "MPO") and not raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0:
+        raise OSError("truncated JPEG: no end-of-image marker after the last scan")
 
 
 def _pil_to_uint8(img):
@@ -183,7 +210,7 @@ class TensorVal:
 
 
 def collate_bytes(batch):
-    """File bytes differ in length: a list of them, and the labels as one tensor."""
+    """File bytes differ in length: a list of EncodedFile, and the labels as one tensor."""
     return [item[0] for item in batch], torch.tensor([item[1] for item in batch])
 
 

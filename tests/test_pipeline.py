@@ -117,7 +117,8 @@ def test_side_stream_prefetch_yields_the_inline_batches(monkeypatch):
     stream (wait_stream, record_stream) before use."""
     events = []
     stream = types.SimpleNamespace(wait_stream=lambda s: events.append("wait"))
-    fake = types.SimpleNamespace(Stream=lambda dev: "side", current_stream=lambda dev=None: stream,
+    side = types.SimpleNamespace(wait_stream=lambda s: events.append("side waits"))
+    fake = types.SimpleNamespace(Stream=lambda dev: side, current_stream=lambda dev=None: stream,
                                  stream=lambda s: contextlib.nullcontext())
     monkeypatch.setattr(device, "device_module", lambda kind: fake if kind == "fake" else None)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append("record"), raising=False)
@@ -126,7 +127,7 @@ def test_side_stream_prefetch_yields_the_inline_batches(monkeypatch):
     runtime = _cpu_runtime()
     runtime.kind = "fake"
     prefetched = list(prefetch.DeviceLoader(batches, runtime))
-    assert len(prefetched) == 3 and events == ["wait", "record", "record"] * 3
+    assert len(prefetched) == 3 and events == ["side waits"] + ["wait", "record", "record"] * 3
     for (a, b), (c, d) in zip(inline, prefetched):
         assert torch.equal(a, c) and torch.equal(b, d)
 
