@@ -130,12 +130,13 @@ class DeviceDecode(ToDevice):
     def _decode_one(self, encoded):
         try:
             return self._decode(encoded.data)
-        except RuntimeError:
-            pass
+        except RuntimeError as exc:
+            device_error = exc
         try:
             return pipeline.decode(encoded.data).to(self.runtime.device, non_blocking=True)
-        except RuntimeError as exc:
-            self._unreadable(encoded.path, _decoder_message(exc))
+        except data.UnreadableImage:
+            # The JPEG decoder's reason names what is broken ("Unsupported marker type"); PIL's is vaguer.
+            self._unreadable(encoded.path, _decoder_message(device_error))
             return None
 
     def _unreadable(self, path, reason):

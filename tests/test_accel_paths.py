@@ -184,7 +184,7 @@ def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    fake_cuda = types.SimpleNamespace(set_device=lambda dev: None)
+    fake_cuda = types.SimpleNamespace(set_device=lambda dev: None, device_count=lambda: 1)
     monkeypatch.setattr(device, "device_module", lambda kind: fake_cuda)
     args = argparse.Namespace(device_kind="cpu", device_ids=[0], multiprocessing_distributed=False,
                               memory_format="auto")
