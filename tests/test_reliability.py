@@ -208,7 +208,8 @@ def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
 
 def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = _popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--print-freq", "1",
+    # One loader worker per rank: the workers ignore the signal, and must still end with their rank.
+    proc = _popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--print-freq", "1", "-j", "1",
                                             "--multiprocessing-distributed", "--device-list", "0,1"), env=env)
     _wait_for(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
     proc.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler might
