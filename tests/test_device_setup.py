@@ -222,7 +222,8 @@ def test_sigterm_ends_a_run_waiting_at_the_rendezvous(tmp_path):
 
 def device_args(**values):
     base = dict(device_kind="cuda", device_ids=[0], multiprocessing_distributed=False, world_size=1, rank=0,
-                dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto")
+                dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto", npu_jit_compile="auto",
+                npu_internal_format="auto", tf32="auto")
     return argparse.Namespace(**{**base, **values})
 
 
