@@ -26,17 +26,17 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
+import onnx  # noqa: E402
+
 from export_onnx import INPUT_NAME  # noqa: E402
 from utils import UserError  # noqa: E402
 
 ATC_LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 
 
-def input_shape(path, name=INPUT_NAME):
+def input_shape(path):
     """(batch, channels, height, width) of the file's one image input, batch None when dynamic; UserError when
     the file is not export_onnx.py's kind of model."""
-    import onnx
-
     try:
         graph = onnx.load(path, load_external_data=False).graph
     except Exception as exc:
@@ -44,20 +44,21 @@ def input_shape(path, name=INPUT_NAME):
     weights = {initializer.name for initializer in graph.initializer}
     inputs = [value for value in graph.input if value.name not in weights]
     names = [value.name for value in inputs]
-    if names != [name]:
-        raise UserError(f"{path}: the model's inputs are {names}, expected one named {name!r} (export_onnx.py's)")
+    if names != [INPUT_NAME]:
+        raise UserError(f"{path}: the model's inputs are {names}, expected one named {INPUT_NAME!r} "
+                        "(export_onnx.py's)")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
     if len(shape) != 4 or shape[1] != 3 or not (shape[2] and shape[3]):
         shown = ",".join(str(size) if size is not None else "?" for size in shape)
-        raise UserError(f"{path}: input {name!r} has shape ({shown}), expected (batch,3,H,W) with H and W fixed: "
+        raise UserError(f"{path}: input {INPUT_NAME!r} has shape ({shown}), expected (batch,3,H,W) with H and W fixed: "
                         "export it with export_onnx.py")
     return tuple(shape)
 
 
-def atc_commands(path, soc_version, batch_sizes, output_dir=None, log="error", name=INPUT_NAME):
+def atc_commands(path, soc_version, batch_sizes, output_dir=None, log="error"):
     """{batch size: its ATC command line (an argv list)}; ATC writes <--output>.om."""
-    batch, channels, height, width = input_shape(path, name)
+    batch, channels, height, width = input_shape(path)
     fixed = [size for size in batch_sizes if batch is not None and size != batch]
     if fixed:
         raise UserError(f"{path}: the batch size is fixed at {batch} in the file, so it cannot be converted for "
@@ -65,7 +66,7 @@ def atc_commands(path, soc_version, batch_sizes, output_dir=None, log="error", n
     stem = os.path.splitext(os.path.basename(path))[0]
     prefix = os.path.join(output_dir if output_dir is not None else os.path.dirname(path), stem)
     return {size: ["atc", f"--model={path}", "--framework=5", f"--output={prefix}_bs{size}", "--input_format=NCHW",
-                   f"--input_shape={name}:{size},{channels},{height},{width}", f"--soc_version={soc_version}",
+                   f"--input_shape={INPUT_NAME}:{size},{channels},{height},{width}", f"--soc_version={soc_version}",
                    f"--log={log}"] for size in batch_sizes}
 
 
