@@ -233,6 +233,7 @@ class Runtime:
     local_rank: int = 0
     memory_format: torch.memory_format = torch.contiguous_format
     local_world_size: int = 1  # processes on this node, which share its CPUs
+    kernel_settings: str = "as the libraries set them"  # for the start-up log (apply_kernel_settings)
 
     @property
     def distributed(self):
@@ -323,6 +324,7 @@ def setup_runtime(args, local_rank):
         device_module(kind).set_device(device)
         # Every step's batch has the same shape: cuDNN times its convolution algorithms once and keeps the fastest.
         torch.backends.cudnn.benchmark = kind == "cuda"
+    kernel_settings = apply_kernel_settings(kind, args)
 
     if world_size > 1:
         backend = args.dist_backend or BACKENDS[kind]
@@ -339,7 +341,72 @@ def setup_runtime(args, local_rank):
             raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
                             f"(MASTER_ADDR/MASTER_PORT for env://): {str(exc).strip().splitlines()[0]}") from None
     return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind),
-                   local_world_size=processes_on_this_node(args))
+                   local_world_size=processes_on_this_node(args), kernel_settings=kernel_settings)
+
+
+# --npu-jit-compile, --npu-internal-format and --tf32: "auto" leaves the library's own default.
+SWITCHES = {"on": True, "off": False}
+NPU_SETTINGS = ("npu_jit_compile", "npu_internal_format")
+
+
+def apply_kernel_settings(kind, args):
+    """Set this process's kernel options (every spawned worker sets its own, where Ascend asks for
+    set_compile_mode to be called); returns the settings in effect, for the start-up log.
+
+    NPU (torch_npu 2.14.0, torch_npu/npu/npu_config.py, exposed as torch.npu.* by torch_npu/npu/__init__.py):
+    ``set_compile_mode(jit_compile=...)`` chooses online compilation (True) or prebuilt binary kernels (False:
+    first steps take seconds instead of minutes); Ascend documents True as the default on Atlas training and
+    inference series chips, False on Atlas A2/A3. ``config.allow_internal_format`` lets operators keep tensors in
+    the NPU's private layouts (NC1HWC0, FRACTAL_Z); its default is per chip too (off on A3) and torch_npu has no
+    getter for it. ``conv.allow_hf32`` / ``matmul.allow_hf32``, the NPU's TF32, default to True / False.
+    CUDA: ``torch.backends.cudnn.allow_tf32`` / ``torch.backends.cuda.matmul.allow_tf32`` default to True / False,
+    the same split. --tf32 sets both pairs: one switch, so that NPU and GPU runs compare like for like.
+    """
+    if kind == "npu":
+        described = _apply_npu_settings(args)
+    elif kind == "cuda":
+        if args.tf32 != "auto":
+            torch.backends.cudnn.allow_tf32 = SWITCHES[args.tf32]
+            torch.backends.cuda.matmul.allow_tf32 = SWITCHES[args.tf32]
+        tf32_default = _by_default(args.tf32, "PyTorch's default")
+        described = (f"TF32 convolutions {_on_off(torch.backends.cudnn.allow_tf32)}, TF32 matmuls "
+                     f"{_on_off(torch.backends.cuda.matmul.allow_tf32)}{tf32_default}, "
+                     f"cuDNN autotuning {_on_off(torch.backends.cudnn.benchmark)}")
+    else:
+        described = "none apply on the CPU"
+    other_kinds = (NPU_SETTINGS if kind != "npu" else ()) + (("tf32",) if kind == "cpu" else ())
+    ignored = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in other_kinds
+               if getattr(args, name) != "auto"]
+    if ignored:
+        described += f" ({', '.join(ignored)}: not for {kind} runs, ignored)"
+    return described
+
+
+def _apply_npu_settings(args):
+    npu = torch.npu
+    if args.npu_jit_compile != "auto":
+        npu.set_compile_mode(jit_compile=SWITCHES[args.npu_jit_compile])
+    if args.npu_internal_format != "auto":
+        npu.config.allow_internal_format = SWITCHES[args.npu_internal_format]
+    if args.tf32 != "auto":
+        npu.conv.allow_hf32 = SWITCHES[args.tf32]
+        npu.matmul.allow_hf32 = SWITCHES[args.tf32]
+    chip_default = "torch_npu's default for this chip"
+    kernels = "binary kernels" if npu.is_jit_compile_false() else "online-compiled kernels (jit_compile)"
+    formats = chip_default if args.npu_internal_format == "auto" else args.npu_internal_format
+    hf32_default = _by_default(args.tf32, "torch_npu's default")
+    return (f"{kernels}{_by_default(args.npu_jit_compile, chip_default)}, internal formats {formats}, "
+            f"HF32 convolutions {_on_off(npu.conv.allow_hf32)}, HF32 matmuls {_on_off(npu.matmul.allow_hf32)}"
+            f"{hf32_default}")
+
+
+def _on_off(flag):
+    return "on" if flag else "off"
+
+
+def _by_default(choice, default):
+    """Says whose default a setting left at "auto" is."""
+    return f" ({default})" if choice == "auto" else ""
 
 
 @contextlib.contextmanager

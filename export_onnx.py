@@ -4,7 +4,8 @@
     python export_onnx.py mnasnet1_0-953fb4b8.pth -a mnasnet1_0 -o mnasnet1_0.onnx --verify
 
 Reads our checkpoints, ``module.``-prefixed ones and torchvision's state dicts. The replacement for the
-reference's pthtar2onnx.py; feed the file to ATC with e.g. ``--input_shape="input:16,3,224,224"``.
+reference's pthtar2onnx.py. For Ascend offline inference, tools/onnx_to_om.sh turns the file into .om models with
+ATC, one per batch size (``--input_shape="input:16,3,224,224"``).
 """
 import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
 

@@ -127,6 +127,18 @@ def build_parser():
     group.add_argument("--loss-scale", default="dynamic",
                        help="'dynamic' or a fixed value such as 128 (never changed; overflowing steps are skipped)")
 
+    group = parser.add_argument_group("kernel settings (logged at start-up as '=> kernel settings: ...')")
+    group.add_argument("--npu-jit-compile", default="auto", choices=["auto", "on", "off"],
+                       help="NPU: compile operators online (on) or use CANN's prebuilt binary kernels (off: first "
+                            "steps in seconds, not minutes); auto: torch_npu's default for the chip (on for Atlas "
+                            "training/inference series, off for Atlas A2/A3)")
+    group.add_argument("--npu-internal-format", default="auto", choices=["auto", "on", "off"],
+                       help="NPU: let operators keep tensors in the NPU's private layouts (NC1HWC0, FRACTAL_Z); "
+                            "auto: torch_npu's default for the chip")
+    group.add_argument("--tf32", "--hf32", default="auto", choices=["auto", "on", "off"],
+                       help="fp32 convolutions and matmuls on TF32 tensor cores (CUDA) / in HF32 (NPU): on for "
+                            "both, off for neither; auto: the libraries' defaults, convolutions on, matmuls off")
+
     group = parser.add_argument_group("checkpoints, evaluation and output")
     group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
     group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
@@ -368,6 +380,7 @@ def train(local_rank, args, stop):
     optimizer = device.build_optimizer(runtime.kind, params, args)
     model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
     log.info(f"=> precision: {precision.name}, memory format: {str(runtime.memory_format).replace('torch.', '')}")
+    log.info(f"=> kernel settings: {runtime.kernel_settings}")
     model_without_ddp = model
     ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
     if runtime.distributed:

@@ -187,7 +187,7 @@ def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch):
     fake_cuda = types.SimpleNamespace(set_device=lambda dev: None, device_count=lambda: 1)
     monkeypatch.setattr(device, "device_module", lambda kind: fake_cuda)
     args = argparse.Namespace(device_kind="cpu", device_ids=[0], multiprocessing_distributed=False,
-                              memory_format="auto")
+                              memory_format="auto", npu_jit_compile="auto", npu_internal_format="auto", tf32="auto")
     device.setup_runtime(args, 0)
     assert torch.backends.cudnn.benchmark is False
     args.device_kind = "cuda"

@@ -222,7 +222,8 @@ def test_sigterm_ends_a_run_waiting_at_the_rendezvous(tmp_path):
 
 def device_args(**values):
     base = dict(device_kind="cuda", device_ids=[0], multiprocessing_distributed=False, world_size=1, rank=0,
-                dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto")
+                dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto", npu_jit_compile="auto",
+                npu_internal_format="auto", tf32="auto")
     return argparse.Namespace(**{**base, **values})
 
 
@@ -326,7 +327,7 @@ def test_other_errors_keep_their_own_message(two_ranks, exc):
     assert device.collective_failure(exc, 1800) is None
 
 
-@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py"])
+@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py"])
 def test_other_entry_points_start_next_to_a_torch_npu_that_cannot_load(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, text=True,
                             capture_output=True, timeout=120, env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
