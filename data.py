@@ -361,6 +361,26 @@ def _write_demo(dest):
         f.write(f"scikit-learn digits, {len(digits.target)} images, {DEMO_IMAGE_SIZE}px\n")
 
 
+def write_striped_folder(root, class_colours, train_per_class, val_per_class, size, seed=0, quality=75):
+    """An ImageNet-layout folder of synthetic JPEGs, ``<root>/{train,val}/<class>/<class>_<i>.JPEG``: each class a
+    noisy colour with stripes of its own orientation, learnable in a few steps and not by chance (the tests' and
+    tools/device_check.py's data). ``class_colours``: {class folder name: (r, g, b)}. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for index, (name, colour) in enumerate(class_colours.items()):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.array(colour, dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
+                if index % 2:
+                    pixels[::4] *= 0.4
+                else:
+                    pixels[:, ::4] *= 0.4
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                image.save(os.path.join(folder, f"{name}_{i}.JPEG"), format="JPEG", quality=quality)
+    return str(root)
+
+
 def prepare_demo_folder(root):
     """Write scikit-learn's digits as ROOT/{train,val}/<digit>/*.png once; return ROOT."""
     root = os.path.abspath(os.fspath(root))

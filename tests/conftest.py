@@ -1,9 +1,7 @@
 import os
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -13,6 +11,8 @@ sys.path.insert(0, ROOT)
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
+import data  # noqa: E402
+
 torch.set_num_threads(1)
 
 # Each class is a colour with a stripe orientation: learnable in a few steps, not by chance.
@@ -20,20 +20,7 @@ CLASS_COLOURS = {"n01_red": (200, 40, 40), "n02_green": (40, 190, 60), "n03_blue
 
 
 def write_image_folder(root, train_per_class=12, val_per_class=5, size=40, seed=0, classes=CLASS_COLOURS):
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for index, (name, colour) in enumerate(classes.items()):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                pixels = np.array(colour, dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
-                if index % 2:
-                    pixels[::4] *= 0.4
-                else:
-                    pixels[:, ::4] *= 0.4
-                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                image.save(os.path.join(folder, f"{name}_{i}.JPEG"), format="JPEG")
-    return str(root)
+    return data.write_striped_folder(root, classes, train_per_class, val_per_class, size, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -327,7 +327,8 @@ def test_other_errors_keep_their_own_message(two_ranks, exc):
     assert device.collective_failure(exc, 1800) is None
 
 
-@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py"])
+@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py",
+                                    "tools/device_check.py"])
 def test_other_entry_points_start_next_to_a_torch_npu_that_cannot_load(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, text=True,
                             capture_output=True, timeout=120, env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))

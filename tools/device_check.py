@@ -22,21 +22,26 @@ Each check runs main.py as a user would (its own processes, --summary-json):
 
 Exit status 1 when a check FAILs.
 """
-import argparse
-import json
-import math
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-
-import numpy as np
-import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import autoload_off  # noqa: E402,F401  (before torch: torch must not autoload torch_npu, see autoload_off.py)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import device  # noqa: E402
 OVERFLOW_LOSS_SCALE = 2 ** 24
 
 
@@ -163,31 +168,21 @@ def checkpoint_weights(path):
 
 
 def write_jpeg_folder(root, classes, train_per_class, val_per_class, size):
-    """Each class a colour with stripes of its own orientation (learnable in a few epochs); three training files
-    and one validation file are then broken. Returns {what: path} of those."""
-    rng = np.random.default_rng(0)
+    """data.write_striped_folder's classes (learnable in a few epochs), of which three training files and one
+    validation file are then broken. Returns {what: path} of those."""
     colours = [(200, 40, 40), (40, 190, 60), (40, 60, 210), (200, 200, 40)][:classes]
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for index, colour in enumerate(colours):
-            folder = os.path.join(root, split, f"c{index}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                pixels = np.array(colour, dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
-                if index % 2:
-                    pixels[::4] *= 0.4
-                else:
-                    pixels[:, ::4] *= 0.4
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{i}.JPEG"), quality=90)
-    with open(os.path.join(root, "train", "c0", "0.JPEG"), "rb") as handle:
+    data.write_striped_folder(root, {f"c{i}": colour for i, colour in enumerate(colours)}, train_per_class,
+                              val_per_class, size, quality=90)
+    rng = np.random.default_rng(0)
+    with open(os.path.join(root, "train", "c0", "c0_0.JPEG"), "rb") as handle:
         raw = handle.read()
     scan = raw.index(b"\xff\xda")
     scan += 2 + int.from_bytes(raw[scan + 2:scan + 4], "big")
-    broken = {"truncated": ("train/c0/1.JPEG", raw[:len(raw) // 2]),
-              "random bytes": ("train/c1/1.JPEG", rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()),
+    broken = {"truncated": ("train/c0/c0_1.JPEG", raw[:len(raw) // 2]),
+              "random bytes": ("train/c1/c1_1.JPEG", rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()),
               # A marker libjpeg refuses inside the compressed data; header and end marker intact.
-              "corrupt scan": ("train/c2/1.JPEG", raw[:scan] + b"\xff\x40" + raw[scan:]),
-              "val random bytes": ("val/c0/1.JPEG", rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())}
+              "corrupt scan": ("train/c2/c2_1.JPEG", raw[:scan] + b"\xff\x40" + raw[scan:]),
+              "val random bytes": ("val/c0/c0_1.JPEG", rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())}
     for name, content in broken.values():
         with open(os.path.join(root, name), "wb") as handle:
             handle.write(content)
@@ -359,8 +354,6 @@ def main(argv=None):
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, ROOT)
-    import device
     kind = device.resolve_device_kind(args.device)
     count = device.device_count(kind)
     s = settings(args, kind, count)
