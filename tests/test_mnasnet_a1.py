@@ -12,6 +12,7 @@ import mnasnet
 import timm_keys
 from conftest import tiny_flags
 from test_export_classify import onnx_matches_torch
+from test_launchers import NETWORK, launch_ok, read_case
 from test_main import expect_error, run_main
 from test_model import _randomize
 from test_speed import ConvolutionDtypes, bf16_cpu  # noqa: F401  (bf16_cpu: a fixture)
@@ -215,3 +216,11 @@ def test_a1_evaluate_reproduces_best_accuracy(a1_run, image_folder, tmp_path):
     result = run_main(image_folder, *tiny_flags(tmp_path, "-a", "mnasnet_a1_0_75", "-e", "--resume",
                                                 str(output_dir / checkpoint.BEST_NAME)))
     assert result["val_acc1"] == pytest.approx(summary["best_acc1"])
+
+
+def test_launchers_pass_an_a1_arch_through_to_main(tmp_path):
+    launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=4", "--steps=2", "--workers=0",
+              f"--output_root={tmp_path}", "--", "--arch", "mnasnet_a1_0_75", "--train-crop-size", "48",
+              "--dummy-images", "8")
+    _, summary = read_case(tmp_path / "0", f"{NETWORK}_bs4_1p_perf")
+    assert summary["arch"] == "mnasnet_a1_0_75" and summary["train_steps"] == 2
