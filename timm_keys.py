@@ -46,7 +46,11 @@ def is_timm_layout(state):
 def b1_from_timm(state):
     """A timm B1 state dict with torchvision's keys, same tensors, same order. Keys B1 does not have (e.g. an A1
     file's squeeze-excite) are kept as they are, for the caller to report as unexpected."""
-    return collections.OrderedDict((_b1_key(key), value) for key, value in state.items())
+    renamed = collections.OrderedDict((_b1_key(key), value) for key, value in state.items())
+    # timm scales the stem with the width, as torchvision's version-2 layout does; torchvision's own MNASNet
+    # refuses a state dict that does not say its version.
+    renamed._metadata = collections.OrderedDict({"": {"version": 2}})
+    return renamed
 
 
 def _b1_key(key):

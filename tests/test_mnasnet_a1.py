@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 import checkpoint
@@ -109,6 +110,10 @@ def test_timm_b1_weights_give_timms_outputs_through_our_b1(timm_name, tmp_path):
     arch = B1_PAIRS[timm_name]
     ours = mnasnet.ARCHS[arch]()
     checkpoint.load_model_weights(ours, checkpoint.load_file(str(path)), arch, str(path))
+    reference = getattr(torchvision.models, arch)()  # torchvision's own network, given timm's renamed weights
+    reference.load_state_dict(timm_keys.b1_from_timm(theirs.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(_input()), theirs.eval()(_input()))
     _assert_same_function(ours, theirs, _input(), timm_keys.b1_from_timm)
     assert checkpoint.fitting_archs(theirs.state_dict()) == [arch]
 
