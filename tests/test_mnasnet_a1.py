@@ -38,8 +38,15 @@ def _one_thread():
 
 
 def _timm(name, seed=0, **kwargs):
-    """timm's network with every weight and BN statistic moved off its init, so outputs depend on all of them."""
-    return _randomize(timm.create_model(name, pretrained=False, **kwargs), seed=seed)
+    """timm's network with every weight, bias and BN statistic moved off its init, so outputs depend on all of
+    them (the squeeze-excite's convolution biases start at zero)."""
+    model = _randomize(timm.create_model(name, pretrained=False, **kwargs), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1, generator=gen)
+    return model
 
 
 def _input(size=64, seed=0):
