@@ -11,6 +11,7 @@ import torch
 
 import device
 import mnasnet
+import timm_keys
 from utils import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -177,46 +178,89 @@ def missing_run_state(obj):
     return [key for key in RUN_STATE_KEYS if key not in obj]
 
 
+# The final Linear's weight: B1's (torchvision's layout) and A1's (timm's).
+CLASSIFIER_KEYS = ("classifier.1.weight", "classifier.weight")
+
+
+def classifier_weight(state):
+    """The classifier's weight in a model state dict of either layout, or None."""
+    return next((state[key] for key in CLASSIFIER_KEYS if key in state), None)
+
+
+def _in_layout_of(state, own):
+    """``state`` renamed to ``own``'s layout where it is a timm B1 file and ``own`` torchvision's."""
+    if timm_keys.is_timm_layout(state) and not timm_keys.is_timm_layout(own):
+        return timm_keys.b1_from_timm(state)
+    return state
+
+
+def fitting_archs(state):
+    """The archs whose model has exactly ``state``'s keys and shapes (timm's B1 keys renamed for B1)."""
+    classifier = classifier_weight(state)
+    if classifier is None:
+        return []
+    fits = []
+    for name, builder in mnasnet.ARCHS.items():
+        with torch.device("meta"):  # shapes only: no memory, no init work
+            own = builder(num_classes=classifier.shape[0]).state_dict()
+        renamed = _in_layout_of(state, own)
+        if set(renamed) == set(own) and all(renamed[key].shape == own[key].shape for key in own):
+            fits.append(name)
+    return fits
+
+
+def _fit_hint(state):
+    fits = fitting_archs(state)
+    if fits:
+        return f"it holds -a {' / '.join(fits)} weights"
+    return f"it fits none of the archs ({', '.join(mnasnet.ARCHS)})"
+
+
 def load_model_weights(model, obj, arch, source):
-    """Load a loaded file's model state into ``model``, with a one-line error naming what does not fit."""
+    """Load a loaded file's model state into ``model``, with a one-line error naming what does not fit.
+
+    Reads our files, torchvision's and timm's (``mnasnet_*`` B1 keys are renamed to torchvision's layout; A1 has
+    timm's keys)."""
     saved_arch = obj.get("arch") if isinstance(obj, dict) else None
+    # timm's train.py records its own model name.
+    saved_arch = timm_keys.TIMM_ARCHS.get(saved_arch, saved_arch)
     if isinstance(saved_arch, str) and saved_arch != arch:
         raise UserError(f"{source} holds a {saved_arch} model, but -a/--arch is {arch}")
-    state = model_state(obj)
     own = model.state_dict()
+    saved = model_state(obj)
+    state = _in_layout_of(saved, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(f"{source} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
-    classifier = "classifier.1.weight"
-    if state[classifier].shape != own[classifier].shape:
-        raise UserError(f"{source} was trained for {state[classifier].shape[0]} classes, "
-                        f"but the data has {own[classifier].shape[0]}")
+                        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); {_fit_hint(saved)}")
+    trained, wanted = classifier_weight(state).shape[0], classifier_weight(own).shape[0]
+    if trained != wanted:
+        raise UserError(f"{source} was trained for {trained} classes, but the data has {wanted}")
     try:
         # Other shape differences are left to the model: MnasNet reads torchvision's version-1 files itself.
         model.load_state_dict(state)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise UserError(f"{source} does not fit {arch}: {detail[:300]}") from None
+        raise UserError(f"{source} does not fit {arch}: {detail[:300]}; {_fit_hint(saved)}") from None
 
 
 def load_model(path, arch=None):
-    """An eval-mode model built and loaded from a weights file (ours, ``module.``-prefixed or torchvision's).
+    """An eval-mode model built and loaded from a weights file (ours, ``module.``-prefixed, torchvision's or timm's).
 
-    The arch comes from the file when it names one; torchvision's bare state dicts need ``arch``. Returns
+    The arch comes from the file when it names one; bare state dicts (torchvision's, timm's) need ``arch``. Returns
     (model, the loaded file's content).
     """
     obj = load_file(path)
     saved_arch = obj.get("arch") if isinstance(obj, dict) else None
-    arch = arch or saved_arch
+    arch = arch or timm_keys.TIMM_ARCHS.get(saved_arch, saved_arch)
     if arch is None:
         raise UserError(f"{path} does not say which model it holds; give -a/--arch ({', '.join(sorted(mnasnet.ARCHS))})")
     if arch not in mnasnet.ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(sorted(mnasnet.ARCHS))}")
-    classifier = model_state(obj).get("classifier.1.weight")
+    classifier = classifier_weight(model_state(obj))
     if classifier is None:
-        raise UserError(f"{path} holds no MnasNet classifier (classifier.1.weight)")
+        raise UserError(f"{path} holds no MnasNet classifier ({' or '.join(CLASSIFIER_KEYS)})")
     model = mnasnet.ARCHS[arch](num_classes=classifier.shape[0])
     load_model_weights(model, obj, arch, path)
     return model.eval(), obj

@@ -68,14 +68,14 @@ def classify(model, names, paths, transform, topk=5):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Top-5 classes of image files, by name")
-    parser.add_argument("checkpoint", help="our checkpoint, a module.-prefixed one, or a torchvision state dict")
+    parser.add_argument("checkpoint", help="our checkpoint, a module.-prefixed one, or a torchvision or timm file")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("-a", "--arch", default=None, help="needed when the file does not name it (torchvision's)")
+    parser.add_argument("-a", "--arch", default=None, help="needed when the file does not name it (torchvision, timm)")
     parser.add_argument("--topk", default=5, type=int)
     args = parser.parse_args(argv)
     try:
         model, saved = checkpoint.load_model(args.checkpoint, args.arch)
-        names = class_names(saved, model.classifier[1].out_features)
+        names = class_names(saved, model.num_classes)
         transform = data.val_transform(*eval_sizes(saved))
         for path, top in classify(model, names, args.images, transform, args.topk):
             print(path)

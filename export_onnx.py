@@ -50,8 +50,8 @@ def max_difference(model, path, image_size=224, batch=3):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a MnasNet checkpoint to ONNX (dynamic batch axis)")
-    parser.add_argument("checkpoint", help="our checkpoint, a module.-prefixed one, or a torchvision state dict")
-    parser.add_argument("-a", "--arch", default=None, help="needed when the file does not name it (torchvision's)")
+    parser.add_argument("checkpoint", help="our checkpoint, a module.-prefixed one, or a torchvision or timm file")
+    parser.add_argument("-a", "--arch", default=None, help="needed when the file does not name it (torchvision, timm)")
     parser.add_argument("-o", "--output", default=None, help="default: the checkpoint's path with .onnx")
     parser.add_argument("--image-size", default=224, type=int)
     parser.add_argument("--opset", default=11, type=int)

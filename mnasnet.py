@@ -1,22 +1,33 @@
-"""MnasNet-B1 (https://arxiv.org/abs/1807.11626), the variant torchvision ships.
+"""MnasNet (https://arxiv.org/abs/1807.11626): B1, the variant torchvision ships, and A1, the paper's headline
+network (squeeze-and-excitation in three of its stages).
 
-Module layout, state-dict keys and the init of the convolutions match ``torchvision.models.mnasnet*``,
-so checkpoints move both ways. The classifier starts from N(0, 0.01), as torchvision's MobileNets do: the
-kaiming init torchvision uses here scales with 1/num_classes, and with a few classes (the demo's 10) it
-starts at logits of +-30 and a loss near 20 that wrecks the first steps. There is no ``pretrained`` download: main.py loads weights from a file.
+B1's module layout, state-dict keys and the init of the convolutions match ``torchvision.models.mnasnet*``,
+so checkpoints move both ways. A1's module names and state-dict keys are timm's (``semnasnet_*``), so timm's
+weights load as they are (timm's B1 weights need renaming: see timm_keys.py).
+
+Both classifiers start from N(0, 0.01), as torchvision's MobileNets do: the kaiming init torchvision uses here
+scales with 1/num_classes, and with a few classes (the demo's 10) it starts at logits of +-30 and a loss near
+20 that wrecks the first steps. There is no ``pretrained`` download: main.py loads weights from a file.
 """
+import math
 import warnings
 
 from torch import nn
 
 __all__ = [
+    "A1_ARCHS",
     "ARCHS",
+    "B1_ARCHS",
     "MNASNet",
+    "MnasNetA1",
     "TF_BN_MOMENTUM",
     "mnasnet0_5",
     "mnasnet0_75",
     "mnasnet1_0",
     "mnasnet1_3",
+    "mnasnet_a1",
+    "mnasnet_a1_0_75",
+    "mnasnet_a1_1_4",
     "set_bn_momentum",
 ]
 
@@ -200,9 +211,166 @@ def mnasnet1_3(*, num_classes=1000, dropout=0.2):
     return MNASNet(1.3, num_classes=num_classes, dropout=dropout)
 
 
-ARCHS = {
+B1_ARCHS = {
     "mnasnet0_5": mnasnet0_5,
     "mnasnet0_75": mnasnet0_75,
     "mnasnet1_0": mnasnet1_0,
     "mnasnet1_3": mnasnet1_3,
 }
+
+
+# MnasNet-A1. One row per stage after the stem: kernel size, stride of its first block, expansion, output width
+# at alpha 1.0, blocks, squeeze-and-excitation.
+_A1_STEM_CHANNELS, _A1_SEPARABLE_CHANNELS = 32, 16
+_A1_STAGES = (
+    (3, 2, 6, 24, 2, False),
+    (5, 2, 3, 40, 3, True),
+    (3, 2, 6, 80, 4, False),
+    (3, 1, 6, 112, 2, True),
+    (5, 2, 6, 160, 3, True),
+    (3, 1, 6, 320, 1, False),
+)
+# The squeeze's width as a fraction of the block's input width (the paper's TF code and timm size it so).
+_A1_SE_RATIO = 0.25
+# A1's BatchNorm epsilon, as in timm's port of the TF weights.
+_A1_BN_EPS = 1e-5
+
+
+class _SqueezeExcite(nn.Module):
+    """Channel gates from the global average: 1x1 reduce, ReLU, 1x1 expand, sigmoid (timm's key names)."""
+
+    def __init__(self, channels, squeezed):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, squeezed, 1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_expand = nn.Conv2d(squeezed, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        scale = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * self.gate(scale)
+
+
+def _bn(channels, bn_momentum):
+    return nn.BatchNorm2d(channels, eps=_A1_BN_EPS, momentum=bn_momentum)
+
+
+class _A1SeparableConv(nn.Module):
+    """The stem's depthwise 3x3 + ReLU, then a linear 1x1; no skip (the paper's first block)."""
+
+    def __init__(self, in_ch, out_ch, bn_momentum):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch, bias=False)
+        self.bn1 = _bn(in_ch, bn_momentum)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.bn2 = _bn(out_ch, bn_momentum)
+
+    def forward(self, x):
+        return self.bn2(self.conv_pw(self.act1(self.bn1(self.conv_dw(x)))))
+
+
+class _A1InvertedResidual(nn.Module):
+    """1x1 expansion, depthwise kxk, optional squeeze-and-excitation, linear 1x1 projection; identity skip when
+    shapes allow."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride, expansion, squeeze_excite, bn_momentum):
+        super().__init__()
+        mid_ch = in_ch * expansion
+        self.use_skip = stride == 1 and in_ch == out_ch
+        self.conv_pw = nn.Conv2d(in_ch, mid_ch, 1, bias=False)
+        self.bn1 = _bn(mid_ch, bn_momentum)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_dw = nn.Conv2d(mid_ch, mid_ch, kernel_size, stride=stride, padding=kernel_size // 2,
+                                 groups=mid_ch, bias=False)
+        self.bn2 = _bn(mid_ch, bn_momentum)
+        self.act2 = nn.ReLU(inplace=True)
+        # round() as timm's SqueezeExcite does, so its checkpoints fit at every width.
+        self.se = _SqueezeExcite(mid_ch, round(in_ch * _A1_SE_RATIO)) if squeeze_excite else nn.Identity()
+        self.conv_pwl = nn.Conv2d(mid_ch, out_ch, 1, bias=False)
+        self.bn3 = _bn(out_ch, bn_momentum)
+
+    def forward(self, x):
+        out = self.act2(self.bn2(self.conv_dw(self.act1(self.bn1(self.conv_pw(x))))))
+        out = self.bn3(self.conv_pwl(self.se(out)))
+        return out + x if self.use_skip else out
+
+
+class MnasNetA1(nn.Module):
+    """MnasNet-A1 with depth multiplier ``alpha``; input N x 3 x H x W, output N x num_classes logits.
+
+    Widths are rounded as B1's (and timm's) are, the 1280-wide head is not scaled. Convolutions start from
+    TF's init (normal, std sqrt(2 / fan_out), fan_out per group), the classifier from N(0, 0.01) as B1's.
+    """
+
+    def __init__(self, alpha, num_classes=1000, dropout=0.2):
+        super().__init__()
+        if alpha <= 0.0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha = alpha
+        self.num_classes = num_classes
+        stem_ch = _scale_depth(_A1_STEM_CHANNELS, alpha)
+        self.conv_stem = nn.Conv2d(3, stem_ch, 3, stride=2, padding=1, bias=False)
+        self.bn1 = _bn(stem_ch, TF_BN_MOMENTUM)
+        self.act1 = nn.ReLU(inplace=True)
+        in_ch = _scale_depth(_A1_SEPARABLE_CHANNELS, alpha)
+        stages = [nn.Sequential(_A1SeparableConv(stem_ch, in_ch, TF_BN_MOMENTUM))]
+        for kernel_size, stride, expansion, channels, blocks, squeeze_excite in _A1_STAGES:
+            out_ch = _scale_depth(channels, alpha)
+            stage = []
+            for index in range(blocks):
+                stage.append(_A1InvertedResidual(in_ch, out_ch, kernel_size, stride if index == 0 else 1, expansion,
+                                                 squeeze_excite, TF_BN_MOMENTUM))
+                in_ch = out_ch
+            stages.append(nn.Sequential(*stage))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(in_ch, _HEAD_CHANNELS, 1, bias=False)
+        self.bn2 = _bn(_HEAD_CHANNELS, TF_BN_MOMENTUM)
+        self.act2 = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(p=dropout)
+        self.classifier = nn.Linear(_HEAD_CHANNELS, num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self.blocks(x)
+        x = self.act2(self.bn2(self.conv_head(x)))
+        # Global average pooling, spatial dimensions dropped.
+        return self.classifier(self.dropout(x.mean((2, 3))))
+
+
+def mnasnet_a1(*, num_classes=1000, dropout=0.2):
+    """MnasNet-A1, depth multiplier 1.0 (timm's semnasnet_100)."""
+    return MnasNetA1(1.0, num_classes=num_classes, dropout=dropout)
+
+
+def mnasnet_a1_0_75(*, num_classes=1000, dropout=0.2):
+    """MnasNet-A1, depth multiplier 0.75 (timm's semnasnet_075)."""
+    return MnasNetA1(0.75, num_classes=num_classes, dropout=dropout)
+
+
+def mnasnet_a1_1_4(*, num_classes=1000, dropout=0.2):
+    """MnasNet-A1, depth multiplier 1.4 (timm's semnasnet_140)."""
+    return MnasNetA1(1.4, num_classes=num_classes, dropout=dropout)
+
+
+A1_ARCHS = {
+    "mnasnet_a1": mnasnet_a1,
+    "mnasnet_a1_0_75": mnasnet_a1_0_75,
+    "mnasnet_a1_1_4": mnasnet_a1_1_4,
+}
+ARCHS = {**B1_ARCHS, **A1_ARCHS}

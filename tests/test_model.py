@@ -262,7 +262,8 @@ def test_set_bn_momentum():
 
 
 def test_archs_and_alpha_check():
-    assert set(mnasnet.ARCHS) == set(ARCH_NAMES)
+    assert set(mnasnet.B1_ARCHS) == set(ARCH_NAMES)
+    assert mnasnet.ARCHS == {**mnasnet.B1_ARCHS, **mnasnet.A1_ARCHS}
     for name, builder in mnasnet.ARCHS.items():
         assert builder.__name__ == name
     with pytest.raises(ValueError):
