@@ -152,18 +152,22 @@ def test_fast_loader_says_nothing():
     assert breakdown.means_ms() == pytest.approx({"data_ms": 8.0, "copy_ms": 2.0, "compute_ms": 90.0})
 
 
-def test_launcher_profile_and_data_wait_share(tmp_path):
+def test_launcher_profiles_every_rank_and_reports_the_data_wait_share(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        ["bash", str(REPO / "test" / "train_performance_1p.sh"), "--device=cpu", "--batch_size=4", "--steps=4",
-         "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
+        ["bash", str(REPO / "test" / "train_performance_8p.sh"), "--device=cpu", "--num_devices=2", "--batch_size=4",
+         "--steps=4", "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
          "--train-crop-size", "48", "--dummy-images", "32", "--profile-steps", "1,0,1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "0"
-    fields = dict(line.split(" = ", 1) for line in (out / "MnasNet_for_PyTorch_bs4_1p_perf.log").read_text()
-                  .splitlines())
-    summary = json.loads((out / "MnasNet_for_PyTorch_bs4_1p_perf.json").read_text())
+    case = "MnasNet_for_PyTorch_bs4_2p_perf"
+    fields = dict(line.split(" = ", 1) for line in (out / f"{case}.log").read_text().splitlines())
+    summary = json.loads((out / f"{case}.json").read_text())
     assert float(fields["DataWaitShare"]) == pytest.approx(summary["data_wait_share"], abs=5e-4)
     assert 0 < float(fields["DataWaitShare"]) < 1
-    assert len(list((out / "profile").glob("rank0.*.pt.trace.json"))) == 1
+    for rank in (0, 1):
+        assert len(list((out / "profile").glob(f"rank{rank}.*.pt.trace.json"))) == 1
+    # The table is rank 0's alone.
+    assert "operators by self time" in (out / "train_0.log").read_text()
+    assert "operators by self time" not in (out / "rank1.log").read_text()
