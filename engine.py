@@ -77,10 +77,11 @@ class ThroughputMeter:
 
 class StepBreakdown:
     """Where a step's time goes, summed over intervals between device syncs (the printed lines' syncs, so
-    measuring costs the run nothing): host time waiting for the loader (``data``), host time in the device stage
-    (``copy``: prefetch.DeviceLoader's transfer calls, which wait for the loader's batch and, on CUDA/NPU, issue
-    its copy to a side stream, where it overlaps the compute; on the CPU they normalise the batch inline) and the
-    rest (``compute``: forward, backward, optimizer and whatever device work the sync waited for)."""
+    measuring costs the run nothing): host time waiting for the loader's next batch (``data``), host time in the
+    device stage (``copy``: prefetch.DeviceLoader's transfer calls; on CUDA/NPU they only issue the copy of a
+    pinned batch to a side stream, where it overlaps the compute, so the transfer itself is not in it, but a
+    device decode that blocks the host is; on the CPU they normalise the batch inline) and the rest of the
+    interval (``compute``: forward, backward, optimizer, and the queued device work the sync waited for)."""
 
     # More of each step than this waiting for data: the loader cannot keep up.
     SLOW_LOADER_SHARE = 0.2
