@@ -483,6 +483,7 @@ def train(local_rank, args, stop):
             profiler = None
         epoch_breakdown = train_stats["breakdown"]
         breakdown.merge(epoch_breakdown)
+        log.info(breakdown_line(epoch, epoch_breakdown))
         slow_loader = epoch_breakdown.slow_loader_message(loader_workers(args, runtime), args.pipeline)
         if slow_loader and not slow_loader_said:
             log.warning(slow_loader)
@@ -552,6 +553,13 @@ def start_profiler(args, runtime, first_epoch_steps):
         raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
                         f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
     return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
+
+
+def breakdown_line(epoch, breakdown):
+    means = breakdown.means_ms()
+    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
+            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
+            f"(data wait {100 * breakdown.data_share:.0f}%)")
 
 
 def breakdown_summary(breakdown):

@@ -119,6 +119,9 @@ def test_step_breakdown_adds_up_to_the_step_time(image_folder, tmp_path):
     assert parts == pytest.approx(summary["step_time_ms"], rel=0.10)
     assert summary["data_wait_share"] == pytest.approx(summary["data_ms"] / parts)
     assert [set(h) >= {"data_ms", "copy_ms", "compute_ms"} for h in summary["history"]] == [True, True]
+    last = summary["history"][-1]
+    assert (f"=> epoch 1 mean step {last['data_ms'] + last['copy_ms'] + last['compute_ms']:.1f} ms: data wait "
+            f"{last['data_ms']:.1f}, host-to-device {last['copy_ms']:.1f}") in (out / "train.log").read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))
