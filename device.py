@@ -428,6 +428,35 @@ def _memory_format(choice, kind):
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
+@dataclass
+class ProfilerKit:
+    """What ``--profile`` records with on this device: ``module`` (torch.profiler, or torch_npu.profiler, which
+    has the same ``profile``, ``schedule`` and ``tensorboard_trace_handler(dir_name, worker_name)``), the
+    ``activities`` to record, extra ``options`` for ``module.profile`` and ``sort_by``, the key_averages() column
+    of the top-operators table (None: the module has no key_averages, it writes its own operator tables)."""
+    module: object
+    activities: list
+    options: dict
+    sort_by: str = None
+
+
+def profiler_kit(kind):
+    """torch.profiler on the CPU and CUDA; on the NPU torch_npu.profiler (torch_npu/profiler/__init__.py), whose
+    analysis of a trace writes ASCEND_PROFILER_OUTPUT/operator_details.csv and kernel_details.csv beside it.
+    Level1 adds the AI Core kernels' pipeline use to those tables (experimental_config.py)."""
+    if kind == "npu":
+        npu_profiler = importlib.import_module("torch_npu.profiler")
+        config = npu_profiler._ExperimentalConfig(profiler_level=npu_profiler.ProfilerLevel.Level1,
+                                                  aic_metrics=npu_profiler.AiCMetrics.PipeUtilization)
+        return ProfilerKit(npu_profiler, [npu_profiler.ProfilerActivity.CPU, npu_profiler.ProfilerActivity.NPU],
+                           {"experimental_config": config})
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if kind == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return ProfilerKit(torch.profiler, activities, {},
+                       "self_device_time_total" if kind == "cuda" else "self_cpu_time_total")
+
+
 # How each backend reports a collective that failed because a peer died or hung:
 #  - NCCL, HCCL's asynchronous errors and watchdog timeouts, and the stores raise dist.DistError subclasses
 #    (DistBackendError, DistNetworkError, DistStoreError; torch's c10d/NCCLUtils.hpp, torch_npu's libtorch_npu.so);

@@ -75,8 +75,61 @@ class ThroughputMeter:
         return 1000.0 * self.seconds / self.steps if self.steps else float("nan")
 
 
+class StepBreakdown:
+    """Where a step's time goes, summed over intervals between device syncs (the printed lines' syncs, so
+    measuring costs the run nothing): host time waiting for the loader's next batch (``data``), host time in the
+    device stage (``copy``: prefetch.DeviceLoader's transfer calls; on CUDA/NPU they only issue the copy of a
+    pinned batch to a side stream, where it overlaps the compute, so the transfer itself is not in it, but a
+    device decode that blocks the host is; on the CPU they normalise the batch inline) and the rest of the
+    interval (``compute``: forward, backward, optimizer, and the queued device work the sync waited for)."""
+
+    # More of each step than this waiting for data: the loader cannot keep up.
+    SLOW_LOADER_SHARE = 0.2
+
+    def __init__(self):
+        self.steps = 0
+        self.wall_seconds = self.wait_seconds = self.copy_seconds = 0.0
+
+    def add(self, steps, wall_seconds, wait_seconds, copy_seconds):
+        """``wait_seconds`` is all the time spent fetching batches, ``copy_seconds`` included."""
+        self.steps += steps
+        self.wall_seconds += wall_seconds
+        self.wait_seconds += wait_seconds
+        self.copy_seconds += copy_seconds
+
+    def merge(self, other):
+        self.add(other.steps, other.wall_seconds, other.wait_seconds, other.copy_seconds)
+
+    def _mean_ms(self, seconds):
+        return 1000.0 * seconds / self.steps if self.steps else float("nan")
+
+    def means_ms(self):
+        """Mean ms per step: {"data_ms", "copy_ms", "compute_ms"}, which add up to the mean step time."""
+        return {"data_ms": self._mean_ms(self.wait_seconds - self.copy_seconds),
+                "copy_ms": self._mean_ms(self.copy_seconds),
+                "compute_ms": self._mean_ms(self.wall_seconds - self.wait_seconds)}
+
+    @property
+    def data_share(self):
+        """The share of the step time spent waiting for the loader (data_ms / step time)."""
+        if not self.wall_seconds:
+            return float("nan")
+        return (self.wait_seconds - self.copy_seconds) / self.wall_seconds
+
+    def slow_loader_message(self, workers, pipeline):
+        """A line saying the loader cannot keep up, with what helps, or None when it keeps up."""
+        if not self.data_share > self.SLOW_LOADER_SHARE:
+            return None
+        means = self.means_ms()
+        step_ms = means["data_ms"] + means["copy_ms"] + means["compute_ms"]
+        return (f"=> the data loader cannot keep up: {100 * self.data_share:.0f}% of each step "
+                f"({means['data_ms']:.1f} of {step_ms:.1f} ms) waits for the next batch; more loader workers "
+                f"(-j/--workers, now {workers}) or a faster --pipeline (now {pipeline}; fast decodes large JPEGs "
+                f"at reduced size, gpu decodes on the CUDA device) help")
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
-                    throughput, stop, start_step=0, ema=None, mix=None):
+                    throughput, stop, start_step=0, ema=None, mix=None, profiler=None):
     """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
 
     Returns the global mean loss, Acc@1, Acc@5 of the steps run, ``steps_done`` (of this epoch, counting
@@ -87,7 +140,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     noticed at the next printed line (the scaler's verdict stays on the device until then).
     ``mix`` (MixUp/CutMix) turns a batch's labels into soft targets for the loss; accuracy is still scored
     against each image's own label. ``ema`` is updated every ``args.model_ema_steps`` steps.
-    ``loader`` yields batches already on the device (prefetch.DeviceLoader).
+    ``loader`` yields batches already on the device (prefetch.DeviceLoader). ``profiler`` (--profile), when
+    given, is told each step's end. The result's ``breakdown`` is the epoch's StepBreakdown.
     """
     model.train()
     steps = start_step + len(loader)
@@ -108,6 +162,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     # Without warm-up steps the measured window opens now, before the first step.
     window_start = interval_start if window_first_step == start_step else None
     interval_steps, interval_data = 0, 0.0
+    breakdown, copy_mark = StepBreakdown(), loader.copy_seconds
     for step, (images, target) in enumerate(loader, start_step):
         if step >= steps:
             break
@@ -147,6 +202,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             loss_avg.add(loss_value, count)
             top1_avg.add(top1, count)
             top5_avg.add(top5, count)
+            breakdown.add(interval_steps, now - interval_start, interval_data, loader.copy_seconds - copy_mark)
+            copy_mark = loader.copy_seconds
             step_fps = global_batch / seconds_per_step
             measured = step + 1 - window_first_step
             mean_fps = measured * global_batch / (now - window_start) if measured > 0 else step_fps
@@ -162,6 +219,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             interval_steps, interval_data = 0, 0.0
         if stopped:
             break
+        if profiler is not None:
+            profiler.step()
         last_step_end = time.perf_counter()
     bar.close()
 
@@ -172,7 +231,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         throughput.images += measured * global_batch
         throughput.seconds += time.perf_counter() - window_start
     result = _global_means(epoch_sums, runtime, loader.skipped)
-    result.update(steps_done=steps_done, skipped_steps=skipped.total(), stopped=stopped)
+    result.update(steps_done=steps_done, skipped_steps=skipped.total(), stopped=stopped, breakdown=breakdown)
     return result
 
 

@@ -26,6 +26,7 @@ import metrics
 import mnasnet
 import pipeline
 import prefetch
+import profiling
 import recipe
 from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
 
@@ -154,6 +155,12 @@ def build_parser():
     group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
     group.add_argument("--tensorboard", action="store_true",
                        help="also write the per-epoch metrics as TensorBoard scalars in <output-dir>/tensorboard")
+    group.add_argument("--profile", action="store_true",
+                       help="record a window of the first epoch's training steps with the device's profiler "
+                            "(torch.profiler; torch_npu.profiler on NPU): a TensorBoard trace per rank in "
+                            f"<output-dir>/{profiling.TRACE_FOLDER}, rank 0's top operators in its log")
+    group.add_argument("--profile-steps", default="5,2,5", metavar="WAIT,WARMUP,ACTIVE",
+                       help="--profile's window: skip WAIT steps, warm the profiler up for WARMUP, record ACTIVE")
     return parser
 
 
@@ -201,6 +208,11 @@ def check_args(args):
             raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
     if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
         raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
+    args.profile_window = profiling.parse_steps(args.profile_steps)
+    if args.profile and args.evaluate:
+        raise UserError("--profile records training steps; -e/--evaluate trains none")
+    if "profile_steps" in args.explicit_options and not args.profile:
+        raise UserError("--profile-steps sets the window of --profile: add --profile")
     if args.evaluate and not (args.resume or args.pretrained):
         raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH")
     for flag in ("resume", "pretrained"):
@@ -272,7 +284,7 @@ def evaluated_classes(args):
 
 def build_loaders(train_set, val_set, runtime, args, log):
     per_process_batch = args.batch_size // runtime.world_size
-    workers = args.workers if args.workers is not None else default_workers(runtime)
+    workers = loader_workers(args, runtime)
     val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
     device_decode = args.pipeline == "gpu" and args.data_dir is not None
     val_decode = device_decode and args.fast_val
@@ -316,6 +328,10 @@ def cpus_per_process(runtime):
     if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
     return max(1, usable_cpus() // runtime.local_world_size)
+
+
+def loader_workers(args, runtime):
+    return args.workers if args.workers is not None else default_workers(runtime)
 
 
 def default_workers(runtime):
@@ -458,6 +474,9 @@ def train(local_rank, args, stop):
         raise SystemExit(128 + stop.signum)
 
     throughput = engine.ThroughputMeter(args.fps_warmup_steps)
+    breakdown = engine.StepBreakdown()
+    slow_loader_said = False
+    profiler = start_profiler(args, runtime, steps_per_epoch - start_step) if args.profile else None
     metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
     for epoch in range(start_epoch, args.epochs):
         first_step = start_step if epoch == start_epoch else 0
@@ -469,8 +488,20 @@ def train(local_rank, args, stop):
             checkpoint.restore_rng_state(resumed_rng, runtime.kind)
         epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
-                                             runtime, epoch, args, log, throughput, stop, first_step, ema, mix)
+                                             runtime, epoch, args, log, throughput, stop, first_step, ema, mix,
+                                             profiler)
         train_seconds = time.perf_counter() - epoch_start
+        if profiler is not None:
+            profiler.finish(log, runtime.is_main)  # the window is in the first epoch: validation stays out
+            profiler = None
+        epoch_breakdown = train_stats["breakdown"]
+        breakdown.merge(epoch_breakdown)
+        log.info(breakdown_line(epoch, epoch_breakdown))
+        slow_loader = epoch_breakdown.slow_loader_message(loader_workers(args, runtime), args.pipeline)
+        if slow_loader and not slow_loader_said:
+            log.warning(slow_loader)
+            slow_loader_said = True
+        summary.update(breakdown_summary(breakdown))
         summary.update(epochs=summary["epochs"] + 1,
                        train_steps=summary["train_steps"] + train_stats["steps_done"] - first_step,
                        train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
@@ -500,14 +531,15 @@ def train(local_rank, args, stop):
         acc1 = val_stats.get("acc1")
         summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
                                    "val_acc1": acc1, "train_skipped_images": train_stats["skipped_images"],
-                                   "skipped_steps": train_stats["skipped_steps"]})
+                                   "skipped_steps": train_stats["skipped_steps"], **epoch_breakdown.means_ms()})
         if metrics_log is not None:
             # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
             metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
                               val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
                               lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
                               epoch_seconds=time.perf_counter() - epoch_start, ema_val_loss=ema_stats.get("loss"),
-                              ema_val_acc1=ema_stats.get("acc1"), ema_val_acc5=ema_stats.get("acc5"))
+                              ema_val_acc1=ema_stats.get("acc1"), ema_val_acc5=ema_stats.get("acc5"),
+                              **epoch_breakdown.means_ms())
         # The best checkpoint holds whichever of the weights and their EMA scored higher.
         ema_better = bool(ema_stats) and ema_stats["acc1"] > acc1
         score = ema_stats["acc1"] if ema_better else acc1
@@ -525,6 +557,27 @@ def train(local_rank, args, stop):
     log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
     summary["best_acc1"] = best_acc1
     write_summary(summary, throughput, run_start, runtime, args, log)
+
+
+def start_profiler(args, runtime, first_epoch_steps):
+    """--profile's profiler, recording from the next training step; its window must fit in the first epoch."""
+    wait, warmup, active = args.profile_window
+    if wait + warmup + active > first_epoch_steps:
+        raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
+                        f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
+    return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
+
+
+def breakdown_line(epoch, breakdown):
+    means = breakdown.means_ms()
+    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
+            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
+            f"(data wait {100 * breakdown.data_share:.0f}%)")
+
+
+def breakdown_summary(breakdown):
+    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
+    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
 
 
 def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
@@ -598,7 +651,8 @@ def new_summary(args, runtime):
     return {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
             "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
             "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
-            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": []}
+            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": [],
+            **breakdown_summary(engine.StepBreakdown())}
 
 
 def write_summary(summary, throughput, run_start, runtime, args, log):

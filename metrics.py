@@ -12,8 +12,9 @@ from utils import UserError
 
 CSV_NAME = "metrics.csv"
 PNG_NAME = "metrics.png"
+# data_ms, copy_ms, compute_ms: the epoch's mean step, split as engine.StepBreakdown measures it.
 FIELDS = ("epoch", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_s",
-          "epoch_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5")
+          "epoch_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "data_ms", "copy_ms", "compute_ms")
 
 
 def _cell(value):

@@ -5,6 +5,7 @@ runs; on the CPU the same code runs inline. uint8 images are normalised on the d
 and the host-to-device copy move a quarter of the bytes of float32 batches.
 """
 import re
+import time
 
 import torch
 
@@ -158,12 +159,17 @@ def _decoder_message(exc):
 
 class DeviceLoader:
     """Iterates ``loader``, yielding ``transfer(batch)``; on CUDA/NPU batch k+1 is prepared on a side stream
-    while the caller computes on batch k."""
+    while the caller computes on batch k.
+
+    ``copy_seconds``: host time spent in ``transfer`` calls so far (engine.StepBreakdown's copy time). On CUDA/NPU
+    that is issuing the copy (and the device normalisation or decode) to the side stream, not the transfer itself,
+    which overlaps the compute; on the CPU it is the whole device stage, run inline."""
 
     def __init__(self, loader, runtime, transfer=None):
         self.loader = loader
         self.runtime = runtime
         self.transfer = transfer or ToDevice(runtime)
+        self.copy_seconds = 0.0
 
     def __len__(self):
         return len(self.loader)
@@ -179,7 +185,7 @@ class DeviceLoader:
         module = device.device_module(self.runtime.kind)
         if module is None:
             for batch in self.loader:
-                yield self.transfer(batch)
+                yield self._timed_transfer(batch)
             return
         stream = module.Stream(self.runtime.device)
         # What the current stream made before (the transfer's mean and std, the first time) is ready before
@@ -202,4 +208,10 @@ class DeviceLoader:
         if batch is None:
             return None
         with module.stream(stream):
-            return self.transfer(batch)
+            return self._timed_transfer(batch)
+
+    def _timed_transfer(self, batch):
+        start = time.perf_counter()
+        moved = self.transfer(batch)
+        self.copy_seconds += time.perf_counter() - start
+        return moved

@@ -29,6 +29,9 @@ die() {
     exit 2
 }
 
+# Options given without a value (--name alone); all others are --name=value.
+SWITCHES=" profile "
+
 # Options each launcher accepts, by kind and scale.
 accepted_options() {
     local opts=(data_path device)
@@ -39,7 +42,7 @@ accepted_options() {
     fi
     opts+=(batch_size workers amp_level)
     if [[ $kind != eval ]]; then
-        opts+=(lr epochs loss_scale)
+        opts+=(lr epochs loss_scale profile)
     fi
     case $kind in
         perf) opts+=(steps fps_warmup_steps) ;;
@@ -79,6 +82,7 @@ describe_option() {
                     echo "PATH    checkpoint to resume training from"
                 fi ;;
         output_root) echo "DIR     reports go to DIR/<id>/ (default test/output)" ;;
+        profile) echo "        (no value) record a window of training steps: a trace per rank in <output_root>/<id>/profile, the top operators in the log (main.py --profile; window: -- --profile-steps W,A,B)" ;;
     esac
 }
 
@@ -88,7 +92,11 @@ usage() {
     echo
     echo "MnasNet ImageNet, $scale, $kind run. Options:"
     for o in $(accepted_options); do
-        printf '  --%-18s %s\n' "$o=" "$(describe_option "$o")"
+        if [[ $SWITCHES == *" $o "* ]]; then
+            printf '  --%-18s %s\n' "$o" "$(describe_option "$o")"
+        else
+            printf '  --%-18s %s\n' "$o=" "$(describe_option "$o")"
+        fi
     done
     printf '  --%-18s %s\n' "help" "        this text"
     echo
@@ -126,12 +134,19 @@ parse_args() {
                 key=${arg#--}
                 ;;
         esac
+        if [[ $accepted == *" $key "* && $SWITCHES == *" $key "* ]]; then
+            [[ $arg == "--$key" ]] || die "option --$key takes no value: --$key"
+            printf -v "opt_$key" '%s' 1
+            continue
+        fi
         if [[ $accepted != *" $key "* || $arg != --*=* ]]; then
             if [[ $accepted == *" $key "* ]]; then
                 die "option --$key needs a value: --$key=VALUE"
             fi
             read -r -a accepted_list <<<"$accepted"
-            die "unknown argument '$arg'. Accepted: $(printf -- '--%s= ' "${accepted_list[@]}")--help, and -- followed by main.py flags"
+            die "unknown argument '$arg'. Accepted: $(for o in "${accepted_list[@]}"; do
+                if [[ $SWITCHES == *" $o "* ]]; then printf -- '--%s ' "$o"; else printf -- '--%s= ' "$o"; fi
+            done)--help, and -- followed by main.py flags"
         fi
         printf -v "opt_$key" '%s' "$value"
     done
@@ -293,6 +308,7 @@ build_command() {
         --batch-size "$batch_size" --print-freq 10
         --output-dir "$output_dir" --log-file "train_${device_id}.log" --summary-json "$summary_json")
     [[ -n ${opt_workers:-} ]] && main_args+=(--workers "$opt_workers")
+    [[ -n ${opt_profile:-} ]] && main_args+=(--profile)
     if [[ $kind == eval ]]; then
         main_args+=(--evaluate --resume "$resume")
     else
@@ -355,6 +371,8 @@ if kind != "eval":
         fps = s["measured_images"] / s["measured_seconds"]
         step_ms = 1000.0 * s["measured_seconds"] / s["measured_steps"]
     fields += [("ActualFPS", fixed(fps, 2)), ("TrainingTime", fixed(step_ms, 2))]
+    # The share of the mean step spent waiting for the loader (main.py's data_ms over the whole step).
+    fields += [("DataWaitShare", fixed(s.get("data_wait_share"), 3))]
 fields += [
     ("TrainAccuracy", fixed(accuracy, 3)),
     ("ActualLoss", fixed(loss, 4)),
