@@ -56,12 +56,12 @@ def hf_cache_file(hub_cache, repo_id, file_name="model.safetensors"):
     return os.path.join(snapshot, file_name)
 
 
-def place_timm_weights(hub_cache, num_classes):
-    """timm's mnasnet_100 with random weights, saved as its hub repository's model.safetensors; the state dict."""
+def place_timm_weights(hub_cache, num_classes, tag=TIMM_TAG):
+    """timm's network with random weights, saved as its hub repository's model.safetensors; the state dict."""
     import safetensors.torch
     import timm
-    state = timm.create_model("mnasnet_100", pretrained=False, num_classes=num_classes).state_dict()
-    safetensors.torch.save_file(state, hf_cache_file(hub_cache, f"timm/{TIMM_TAG}"))
+    state = timm.create_model(tag.split(".")[0], pretrained=False, num_classes=num_classes).state_dict()
+    safetensors.torch.save_file(state, hf_cache_file(hub_cache, f"timm/{tag}"))
     return state
 
 
@@ -143,22 +143,23 @@ def test_timm_weights_missing_from_the_cache(image_folder, tmp_path, hf_cache, o
 
 @pytest.mark.xfail("mnasnet_a1" not in mnasnet.ARCHS, strict=True,
                    reason="load_model_weights learns timm's keys with the A1 builders (branch a1model)")
-def test_timm_weights_end_to_end(image_folder, tmp_path):
+@pytest.mark.parametrize("arch, tag", [("mnasnet1_0", TIMM_TAG), ("mnasnet_a1_0_75", "semnasnet_075.rmsp_in1k")])
+def test_timm_weights_end_to_end(image_folder, tmp_path, arch, tag):
     """-e with timm's weights scores what timm's own model does on the same pixels (bicubic, crop / 0.875)."""
     import timm
     hub_cache = str(tmp_path / "hf")
-    place_timm_weights(hub_cache, num_classes=3)
+    place_timm_weights(hub_cache, num_classes=3, tag=tag)
     env = {**os.environ, "HF_HUB_CACHE": hub_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     summary_path = tmp_path / "summary.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), image_folder, "-a", "mnasnet1_0",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), image_folder, "-a", arch,
                              "--device", "cpu", "-j", "0", "-b", "8", "-e", "--val-crop-size", "64", "--pretrained",
                              "timm", "--output-dir", str(tmp_path / "out"), "--summary-json", str(summary_path)],
                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     summary = json.loads(summary_path.read_text())
 
-    reference = timm.create_model("mnasnet_100", num_classes=3, pretrained=True,
-                                  pretrained_cfg_overlay={"file": hf_cache_file(hub_cache, f"timm/{TIMM_TAG}"),
+    reference = timm.create_model(tag.split(".")[0], num_classes=3, pretrained=True,
+                                  pretrained_cfg_overlay={"file": hf_cache_file(hub_cache, f"timm/{tag}"),
                                                           "num_classes": 3}).eval()
     transform = data.val_transform(73, 64, "bicubic")
     val = torchvision.datasets.ImageFolder(os.path.join(image_folder, "val"), transform)
