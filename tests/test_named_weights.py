@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import classify
 import data
 import main
 import mnasnet
@@ -272,6 +273,13 @@ def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tm
     expected, unexpected = _reference(path, interpolation, pil).float(), _reference(path, other, pil).float()
     assert (expected - unexpected).abs().mean() > 2  # the two resamplings differ on this image
     assert (pixels - expected).abs().max() < 1.01  # uint8 rounding, the normalisation's float error
+
+
+def test_classify_validates_as_the_checkpoint_was():
+    recorded = {"args": {"val_resize_size": 73, "val_crop_size": 64, "interpolation": "bicubic"}}
+    assert classify.eval_sizes(recorded) == (73, 64, "bicubic")
+    assert classify.eval_sizes({"args": {"val_resize_size": 73}}) == (73, 224, "bilinear")  # older checkpoints
+    assert classify.eval_sizes({}) == (256, 224, "bilinear")  # torchvision's files
 
 
 # --- the launchers ---
