@@ -201,7 +201,7 @@ def check_args(args):
     if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
         raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
     if args.evaluate and not (args.resume or args.pretrained):
-        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH")
+        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH|torchvision|timm")
     args.named_weights = None
     if args.pretrained in named_weights.SOURCES:
         args.named_weights = named_weights.resolve(args.pretrained, args.arch)
