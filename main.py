@@ -205,7 +205,6 @@ def check_args(args):
     args.named_weights = None
     if args.pretrained in named_weights.SOURCES:
         args.named_weights = named_weights.resolve(args.pretrained, args.arch)
-        named_weights.fetch(args.named_weights)  # here, once, rather than in every process at the same time
     for flag in ("resume", "pretrained"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path) and not (flag == "pretrained" and args.named_weights):
@@ -251,6 +250,8 @@ def check_args(args):
         raise UserError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise UserError(f"--output-dir {args.output_dir} is not writable")
+    if args.named_weights is not None:
+        named_weights.fetch(args.named_weights)  # last (a download), and once rather than in every process at once
 
 
 def choose_val_preprocessing(args, weights):
