@@ -26,7 +26,7 @@ FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
-def offline(monkeypatch):
+def refused_connections(monkeypatch):
     """Every connection attempt fails as an unreachable network does (and is recorded)."""
     attempts = []
 
@@ -78,7 +78,7 @@ def run_main(*argv):
 
 # --- torchvision: end to end ---
 
-def test_torchvision_weights_load_from_the_torch_hub_cache(image_folder, tmp_path, monkeypatch, offline):
+def test_torchvision_weights_load_from_the_torch_hub_cache(image_folder, tmp_path, monkeypatch, refused_connections):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = torchvision_cache_file(str(tmp_path / "torch"), "mnasnet0_5")
     torch.save(torchvision.models.mnasnet0_5(weights=None, num_classes=3).state_dict(), cached)
@@ -93,17 +93,18 @@ def test_torchvision_weights_load_from_the_torch_hub_cache(image_folder, tmp_pat
     assert named["val_acc1"] == by_path["val_acc1"]
     assert "loaded torchvision's MNASNet0_5_Weights.IMAGENET1K_V1 weights" in log
     assert "validation: resize 73 (crop / 0.875, weights), centre crop 64 (flag), bilinear (weights)" in log
-    assert not offline
+    assert not refused_connections
 
 
-def test_torchvision_weights_not_cached_and_no_network(image_folder, tmp_path, monkeypatch, offline, capsys):
+def test_torchvision_weights_not_cached_and_no_network(image_folder, tmp_path, monkeypatch, refused_connections,
+                                                       capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SystemExit):
         main.main([image_folder, *tiny_flags(tmp_path), "-e", "--pretrained", "torchvision"])
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: cannot get torchvision's MNASNet0_5_Weights.IMAGENET1K_V1 (https://")
     assert "copy mnasnet0.5_top1_67.823-3ffadce67e.pth into $TORCH_HOME/hub/checkpoints" in error
-    assert len(error.splitlines()) == 1 and offline
+    assert len(error.splitlines()) == 1 and refused_connections
 
 
 # --- timm ---
@@ -118,7 +119,8 @@ def hf_cache(tmp_path, monkeypatch):
     return hub_cache
 
 
-def test_timm_weights_come_from_the_hugging_face_cache(image_folder, tmp_path, hf_cache, monkeypatch, offline):
+def test_timm_weights_come_from_the_hugging_face_cache(image_folder, tmp_path, hf_cache, monkeypatch,
+                                                      refused_connections):
     placed = place_timm_weights(hf_cache, num_classes=3)
     handed_over = []
     # load_model_weights takes timm's keys on the a1model branch; here what reaches it is the point.
@@ -131,15 +133,15 @@ def test_timm_weights_come_from_the_hugging_face_cache(image_folder, tmp_path, h
     assert state.keys() == placed.keys() and all(torch.equal(state[k], placed[k]) for k in placed)
     # timm's pretrained_cfg: crop_pct 0.875, bicubic.
     assert "validation: resize 73 (crop / 0.875, weights), centre crop 64 (flag), bicubic (weights)" in log
-    assert summary["val_images"] == 15 and not offline
+    assert summary["val_images"] == 15 and not refused_connections
 
 
-def test_timm_weights_missing_from_the_cache(image_folder, tmp_path, hf_cache, offline, capsys):
+def test_timm_weights_missing_from_the_cache(image_folder, tmp_path, hf_cache, refused_connections, capsys):
     with pytest.raises(SystemExit):
         main.main([image_folder, *tiny_flags(tmp_path), "-a", "mnasnet1_0", "-e", "--pretrained", "timm"])
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: cannot get timm's {TIMM_TAG} (hf-hub:timm/{TIMM_TAG}): ")
-    assert f"hf download timm/{TIMM_TAG}" in error and len(error.splitlines()) == 1 and not offline
+    assert f"hf download timm/{TIMM_TAG}" in error and len(error.splitlines()) == 1 and not refused_connections
 
 
 @pytest.mark.xfail("mnasnet_a1" not in mnasnet.ARCHS, strict=True,
@@ -178,10 +180,10 @@ def test_timm_weights_end_to_end(image_folder, tmp_path, arch, tag):
     ("torchvision", "mnasnet_a1", "torchvision publishes no weights for mnasnet_a1; it has them for mnasnet0_5, "
                                   "mnasnet0_75, mnasnet1_0, mnasnet1_3"),
 ])
-def test_archs_without_published_weights(source, arch, message, offline):
+def test_archs_without_published_weights(source, arch, message, refused_connections):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         named_weights.resolve(source, arch)
-    assert not offline
+    assert not refused_connections
 
 
 def test_timm_not_installed(monkeypatch, capsys, tmp_path, image_folder):
