@@ -232,7 +232,8 @@ def build(name, args, fast_val=False):
     if name == "fast":
         return (FastTrain(crop, scale), path_loader), val
     if name == "tensor":
-        return (TensorTrain(crop, scale), path_loader), (TensorVal(resize, val_crop, interpolation), path_loader) if fast_val else val
+        tensor_val = (TensorVal(resize, val_crop, interpolation), path_loader)
+        return (TensorTrain(crop, scale), path_loader), tensor_val if fast_val else val
     if name == "gpu":
         return (None, bytes_loader), (None, bytes_loader) if fast_val else val
     raise ValueError(name)
