@@ -41,10 +41,11 @@ def class_names(saved, num_classes):
 
 
 def eval_sizes(saved):
-    """The resize and crop the model was validated with, when the checkpoint recorded them."""
+    """The resize, crop and interpolation the model was validated with, when the checkpoint recorded them."""
     args = saved.get("args") if isinstance(saved, dict) else None
     args = args if isinstance(args, dict) else {}
-    return args.get("val_resize_size") or 256, args.get("val_crop_size") or 224
+    interpolation = args.get("interpolation") if args.get("interpolation") in data.INTERPOLATIONS else "bilinear"
+    return args.get("val_resize_size") or 256, args.get("val_crop_size") or 224, interpolation
 
 
 def load_image(path, transform):

@@ -86,10 +86,18 @@ def batch_mix(num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
     return apply
 
 
-def val_transform(resize_size, crop_size):
+# --interpolation's choices: the resampling of validation's resize (torchvision's and timm's weights differ).
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def interpolation_mode(name):
+    return transforms.InterpolationMode(name)
+
+
+def val_transform(resize_size, crop_size, interpolation="bilinear"):
     return transforms.Compose([
         transforms.Lambda(_to_rgb),
-        transforms.Resize(resize_size),
+        transforms.Resize(resize_size, interpolation=interpolation_mode(interpolation)),
         transforms.CenterCrop(crop_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -24,6 +24,7 @@ import device
 import engine
 import metrics
 import mnasnet
+import named_weights
 import pipeline
 import prefetch
 import profiling
@@ -51,8 +52,15 @@ def build_parser():
     group.add_argument("--dummy-images", default=1281167, type=int, help="training images in --dummy mode")
     group.add_argument("--train-crop-size", default=224, type=int)
     group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
-    group.add_argument("--val-resize-size", default=256, type=int)
-    group.add_argument("--val-crop-size", default=224, type=int)
+    group.add_argument("--val-resize-size", default=256, type=int,
+                       help="validation resizes the shorter side to this; unset with --crop-pct or named "
+                            "--pretrained weights: floor(--val-crop-size / crop pct)")
+    group.add_argument("--val-crop-size", default=224, type=int, help="validation's centre crop")
+    group.add_argument("--crop-pct", default=None, type=float,
+                       help="timm's crop fraction: sets --val-resize-size to floor(--val-crop-size / CROP_PCT) "
+                            "(0.875: 256 for 224); giving both that disagree is an error")
+    group.add_argument("--interpolation", default="bilinear", choices=data.INTERPOLATIONS,
+                       help="validation's resize; named --pretrained weights set their own unless given")
     group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
                        help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
     group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
@@ -143,7 +151,10 @@ def build_parser():
     group = parser.add_argument_group("checkpoints, evaluation and output")
     group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
     group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
-    group.add_argument("--pretrained", default="", metavar="PATH", help="start from these weights (ours or torchvision's)")
+    group.add_argument("--pretrained", default="", metavar="PATH",
+                       help="start from these weights: a file (ours, torchvision's), or 'torchvision' / 'timm' for "
+                            "that library's published weights of -a (downloaded once into its cache), validated "
+                            "with their own resize, crop and interpolation unless those flags are given")
     group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
     group.add_argument("--no-checkpoint", action="store_true",
                        help="write no checkpoints (performance runs, which must not replace a real run's)")
@@ -214,11 +225,15 @@ def check_args(args):
     if "profile_steps" in args.explicit_options and not args.profile:
         raise UserError("--profile-steps sets the window of --profile: add --profile")
     if args.evaluate and not (args.resume or args.pretrained):
-        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH")
+        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH|torchvision|timm")
+    args.named_weights = None
+    if args.pretrained in named_weights.SOURCES:
+        args.named_weights = named_weights.resolve(args.pretrained, args.arch)
     for flag in ("resume", "pretrained"):
         path = getattr(args, flag)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path) and not (flag == "pretrained" and args.named_weights):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
+    args.val_preprocessing = choose_val_preprocessing(args, args.named_weights)
 
     if args.tensorboard:
         metrics.tensorboard_writer_class()
@@ -259,6 +274,40 @@ def check_args(args):
         raise UserError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise UserError(f"--output-dir {args.output_dir} is not writable")
+    if args.named_weights is not None:
+        named_weights.fetch(args.named_weights)  # last (a download), and once rather than in every process at once
+
+
+def choose_val_preprocessing(args, weights):
+    """Set --val-crop-size, --val-resize-size and --interpolation as validation uses them: a flag given on the
+    command line wins, then the named weights' own preprocessing, then the defaults. A crop pct (--crop-pct, else
+    the weights') makes the resize floor(crop / crop pct), timm's rule, unless --val-resize-size is given.
+    Returns what was chosen and why, for the log."""
+    given = set(args.explicit_options)
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    published = weights.preprocessing if weights is not None else None
+    origin = {name: "flag" if name in given else "default"
+              for name in ("val_crop_size", "val_resize_size", "interpolation")}
+    if published is not None:
+        for name, value in (("val_crop_size", published.crop_size), ("interpolation", published.interpolation)):
+            if name not in given:
+                setattr(args, name, value)
+                origin[name] = "weights"
+    crop_pct = args.crop_pct if args.crop_pct is not None else published and published.crop_pct
+    if crop_pct:
+        resize = named_weights.resize_for(args.val_crop_size, crop_pct)
+        if "val_resize_size" not in given:
+            args.val_resize_size = resize
+            origin["val_resize_size"] = (f"crop / {float(crop_pct):.4g}, "
+                                         + ("--crop-pct" if args.crop_pct is not None else "weights"))
+        elif args.crop_pct is not None and resize != args.val_resize_size:
+            raise UserError(f"--crop-pct {args.crop_pct} with --val-crop-size {args.val_crop_size} means "
+                            f"--val-resize-size {resize}, but --val-resize-size is {args.val_resize_size}; "
+                            "give one of them")
+    chosen = (f"validation: resize {args.val_resize_size} ({origin['val_resize_size']}), centre crop "
+              f"{args.val_crop_size} ({origin['val_crop_size']}), {args.interpolation} ({origin['interpolation']})")
+    return chosen + (f"; weights: {weights.description}" if weights is not None else "")
 
 
 def build_datasets(args):
@@ -277,6 +326,8 @@ def build_datasets(args):
 
 def evaluated_classes(args):
     """The class folder names the evaluated checkpoint records (main.py's do), or None."""
+    if not args.resume and args.named_weights is not None:
+        return None  # published weights: ImageNet's classes in sorted folder order
     state = checkpoint.load_file(args.resume or args.pretrained)
     classes = state.get("classes") if isinstance(state, dict) else None
     return classes if isinstance(classes, (list, tuple)) else None
@@ -294,7 +345,7 @@ def build_loaders(train_set, val_set, runtime, args, log):
     val_transfer = None
     if val_decode:
         val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size,
-                                             strict=args.strict_data, log=log)
+                                             strict=args.strict_data, log=log, interpolation=args.interpolation)
     # Unreadable files are reported as batches leave the workers; the device stage comes last.
     val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
     if train_set is None:
@@ -379,12 +430,17 @@ def train(local_rank, args, stop):
     train_images = f"{len(train_set)} train / " if train_set is not None else ""
     log.info(f"=> {args.arch}, {num_classes} classes, {train_images}{len(val_set)} val images, "
              f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
+    log.info(f"=> {args.val_preprocessing}")
 
     # Class folder names travel in the checkpoint, so classify.py can name its predictions.
     class_names = list(classes) if args.data_dir is not None else None
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
-    if args.pretrained:
+    if args.named_weights is not None:
+        state = named_weights.fetch(args.named_weights, progress=False)
+        checkpoint.load_model_weights(model, state, args.arch, args.named_weights.description)
+        log.info(f"=> loaded {args.named_weights.description} weights")
+    elif args.pretrained:
         checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
         log.info(f"=> loaded weights from {args.pretrained}")
     if args.sync_bn and runtime.distributed:

@@ -133,10 +133,11 @@ class FastVal:
     pixels, so only on request): JPEGs at least twice the resize are decoded by PIL at reduced scale, others
     by torchvision.io with a tensor resize."""
 
-    def __init__(self, resize_size, crop_size, fast=False):
+    def __init__(self, resize_size, crop_size, fast=False, interpolation="bilinear"):
         self.resize_size = resize_size
         self.crop_size = crop_size
         self.fast = fast
+        self.interpolation = interpolation
 
     def __call__(self, path):
         with _open(path) as img:
@@ -149,9 +150,10 @@ class FastVal:
                     _draft(img, (0, 0, width, height), target)
                 _load(img, path)
                 img = img if img.mode == "RGB" else img.convert("RGB")
-                return _pil_to_uint8(transforms.functional.center_crop(
-                    transforms.functional.resize(img, self.resize_size), self.crop_size))
-        return resize_center_crop(decode(path), self.resize_size, self.crop_size)
+                resized = transforms.functional.resize(img, self.resize_size,
+                                                       interpolation=data.interpolation_mode(self.interpolation))
+                return _pil_to_uint8(transforms.functional.center_crop(resized, self.crop_size))
+        return resize_center_crop(decode(path), self.resize_size, self.crop_size, self.interpolation)
 
 
 def _open(path):
@@ -187,8 +189,9 @@ def random_resized_crop_flip(image, size, scale):
     return F.horizontal_flip(out) if torch.rand(1) < 0.5 else out
 
 
-def resize_center_crop(image, resize_size, crop_size):
-    return F.center_crop(F.resize(image, resize_size, antialias=True), [crop_size, crop_size])
+def resize_center_crop(image, resize_size, crop_size, interpolation="bilinear"):
+    resized = F.resize(image, resize_size, interpolation=data.interpolation_mode(interpolation), antialias=True)
+    return F.center_crop(resized, [crop_size, crop_size])
 
 
 class TensorTrain:
@@ -201,12 +204,13 @@ class TensorTrain:
 
 
 class TensorVal:
-    def __init__(self, resize_size, crop_size):
+    def __init__(self, resize_size, crop_size, interpolation="bilinear"):
         self.resize_size = resize_size
         self.crop_size = crop_size
+        self.interpolation = interpolation
 
     def __call__(self, path):
-        return resize_center_crop(decode(path), self.resize_size, self.crop_size)
+        return resize_center_crop(decode(path), self.resize_size, self.crop_size, self.interpolation)
 
 
 def collate_bytes(batch):
@@ -220,14 +224,16 @@ def build(name, args, fast_val=False):
     For ``gpu`` the transforms are None: the workers read bytes and the device decodes (prefetch.DeviceDecode)."""
     scale = (args.min_crop_scale, 1.0)
     crop, resize, val_crop = args.train_crop_size, args.val_resize_size, args.val_crop_size
+    interpolation = args.interpolation
     if name == "standard":
         return ((data.train_transform(crop, scale, args.auto_augment, args.random_erase), default_loader),
-                (data.val_transform(resize, val_crop), default_loader))
-    val = (FastVal(resize, val_crop, fast=fast_val), path_loader)
+                (data.val_transform(resize, val_crop, interpolation), default_loader))
+    val = (FastVal(resize, val_crop, fast=fast_val, interpolation=interpolation), path_loader)
     if name == "fast":
         return (FastTrain(crop, scale), path_loader), val
     if name == "tensor":
-        return (TensorTrain(crop, scale), path_loader), (TensorVal(resize, val_crop), path_loader) if fast_val else val
+        tensor_val = (TensorVal(resize, val_crop, interpolation), path_loader)
+        return (TensorTrain(crop, scale), path_loader), tensor_val if fast_val else val
     if name == "gpu":
         return (None, bytes_loader), (None, bytes_loader) if fast_val else val
     raise ValueError(name)

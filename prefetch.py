@@ -75,12 +75,14 @@ class DeviceDecode(ToDevice):
     JPEGs are Huffman-decoded on the host, so the training thread blocks for each batch's decode, one batch
     ahead of the step it feeds."""
 
-    def __init__(self, runtime, train, size, scale=(0.08, 1.0), resize_size=None, strict=False, log=None):
+    def __init__(self, runtime, train, size, scale=(0.08, 1.0), resize_size=None, strict=False, log=None,
+                 interpolation="bilinear"):
         super().__init__(runtime)
         self.train = train
         self.size = size
         self.scale = scale
         self.resize_size = resize_size
+        self.interpolation = interpolation
         self.strict = strict
         self.log = log
         self._failed = set()
@@ -112,7 +114,8 @@ class DeviceDecode(ToDevice):
         if self.train:
             out = [pipeline.random_resized_crop_flip(img, self.size, self.scale) for img in decoded]
         else:
-            out = [pipeline.resize_center_crop(img, self.resize_size, self.size) for img in decoded]
+            out = [pipeline.resize_center_crop(img, self.resize_size, self.size, self.interpolation)
+                   for img in decoded]
         images = torch.stack(out).contiguous(memory_format=self.runtime.memory_format)
         return self.normalize(images), self.labels(target)
 

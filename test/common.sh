@@ -14,6 +14,8 @@ LABEL_SMOOTHING=0.1
 # The reference's mnasnet.py trains with BatchNorm momentum 0.1 (its published 72.819 Acc@1); passed
 # explicitly, so a change of main.py's default cannot change the recipe.
 BN_MOMENTUM=0.1
+# The reference's network (MnasNet-B1 1.0); --arch= picks another of main.py's -a choices.
+ARCH=mnasnet1_0
 PERF_STEPS=1000
 PERF_FPS_WARMUP=20
 # A CPU can't run the recipe's batch in reasonable time; perf runs there default to this.
@@ -34,7 +36,7 @@ SWITCHES=" profile "
 
 # Options each launcher accepts, by kind and scale.
 accepted_options() {
-    local opts=(data_path device)
+    local opts=(data_path arch device)
     if [[ $scale == 1p ]]; then
         opts+=(device_id)
     else
@@ -59,6 +61,7 @@ describe_option() {
                    else
                        echo "DIR     ImageNet folder with train/ and val/ (required)"
                    fi ;;
+        arch) echo "NAME    network, one of main.py's -a choices (default $ARCH); a resumed or evaluated checkpoint's own" ;;
         device) echo "NAME    npu, gpu, cpu or auto (default auto: npu, else gpu, else cpu)" ;;
         device_id) echo "N       device to run on; also names the output folder (default \$ASCEND_DEVICE_ID or 0)" ;;
         num_devices) echo "N       number of devices/processes, devices 0..N-1 (default 8)" ;;
@@ -226,6 +229,8 @@ check_data_path() {
 check_values() {
     local v
     case ${opt_device:-auto} in npu | gpu | cuda | cpu | auto) ;; *) die "--device must be npu, gpu, cpu or auto, not '$opt_device'" ;; esac
+    # The names themselves are main.py's to check (its -a choices); this catches what cannot be one.
+    [[ ${opt_arch-$ARCH} =~ ^[a-z][a-z0-9_]*$ ]] || die "--arch must be a network name such as $ARCH, not '$opt_arch'"
     for v in batch_size epochs steps num_devices; do
         local name=opt_$v
         if [[ -n ${!name:-} ]] && ! { is_uint "${!name}" && ((${!name} > 0)); }; then
@@ -304,7 +309,7 @@ build_command() {
     else
         main_args+=(--dummy)
     fi
-    main_args+=(--device "$device" --device-list "$device_list"
+    main_args+=(--arch "${opt_arch:-$ARCH}" --device "$device" --device-list "$device_list"
         --batch-size "$batch_size" --print-freq 10
         --output-dir "$output_dir" --log-file "train_${device_id}.log" --summary-json "$summary_json")
     [[ -n ${opt_workers:-} ]] && main_args+=(--workers "$opt_workers")

@@ -134,7 +134,7 @@ def test_side_stream_prefetch_yields_the_inline_batches(monkeypatch):
 
 def _losses(image_folder, name, steps=3):
     args = types.SimpleNamespace(min_crop_scale=0.35, train_crop_size=CROP, val_resize_size=56, val_crop_size=CROP,
-                                 auto_augment=None, random_erase=0.0)
+                                 interpolation="bilinear", auto_augment=None, random_erase=0.0)
     (train_tf, read), _ = pipeline.build(name, args)
     train_set, _ = data.image_folders(image_folder, train_tf, None, loaders=(read, read))
     runtime = _cpu_runtime()
