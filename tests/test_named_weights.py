@@ -15,7 +15,6 @@ from PIL import Image
 import classify
 import data
 import main
-import mnasnet
 import named_weights
 import pipeline
 from conftest import ROOT, tiny_flags
@@ -144,8 +143,6 @@ def test_timm_weights_missing_from_the_cache(image_folder, tmp_path, hf_cache, r
     assert f"hf download timm/{TIMM_TAG}" in error and len(error.splitlines()) == 1 and not refused_connections
 
 
-@pytest.mark.xfail("mnasnet_a1" not in mnasnet.ARCHS, strict=True,
-                   reason="load_model_weights learns timm's keys with the A1 builders (branch a1model)")
 @pytest.mark.parametrize("arch, tag", [("mnasnet1_0", TIMM_TAG), ("mnasnet_a1_0_75", "semnasnet_075.rmsp_in1k")])
 def test_timm_weights_end_to_end(image_folder, tmp_path, arch, tag):
     """-e with timm's weights scores what timm's own model does on the same pixels (bicubic, crop / 0.875)."""
