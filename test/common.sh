@@ -188,7 +188,10 @@ apply_defaults() {
 
 check_values() {
     local v name
-    case $requested_device in npu | gpu | cuda | cpu | auto) ;; *) die "--device must be npu, gpu, cpu or auto, not '$requested_device'" ;; esac
+    case $requested_device in
+        npu | gpu | cuda | cpu | auto) ;;
+        *) die "--device must be npu, gpu, cpu or auto, not '$requested_device'" ;;
+    esac
     # The names themselves are main.py's to check (its -a choices); this catches what cannot be one.
     [[ $arch =~ ^[a-z][a-z0-9_]*$ ]] || die "--arch must be a network name such as $ARCH, not '$arch'"
     for v in batch_size epochs steps num_devices; do
@@ -258,7 +261,10 @@ resolve_device() {
     case $requested_device in
         npu | cpu) device=$requested_device ;;
         gpu | cuda) device=gpu ;;
-        auto) device=$(probe_device) || die "could not import torch with $PY to pick a device; pass --device=npu|gpu|cpu" ;;
+        auto)
+            device=$(probe_device) ||
+                die "could not import torch with $PY to pick a device; pass --device=npu|gpu|cpu"
+            ;;
     esac
 }
 
@@ -292,8 +298,8 @@ resolve_batch_and_steps() {
     ((batch_size % nproc == 0)) || die "--batch_size=$batch_size must be a multiple of the $nproc processes"
 }
 
-# fps_warmup: the first steps of a perf run left out of the FPS. A fifth of the steps, at most PERF_FPS_WARMUP; at least the
-# first step (loader start-up) when 2 or more run.
+# fps_warmup: the first steps of a perf run left out of the FPS. A fifth of the steps, at most PERF_FPS_WARMUP;
+# at least the first step (loader start-up) when 2 or more run.
 resolve_fps_warmup() {
     fps_warmup=$((steps / 5 < PERF_FPS_WARMUP ? steps / 5 : PERF_FPS_WARMUP))
     ((fps_warmup == 0 && steps > 1)) && fps_warmup=1
