@@ -163,13 +163,14 @@ class _EpochProgress:
     def open_window(self):
         self.window_start = time.perf_counter()
 
-    def log_line(self, log, step, skipped_steps):
+    def log_line(self, log, step, skipped):
         """Log the reference's line for the steps since the last one (their metrics are pulled from the device),
         then start the next interval."""
         now = time.perf_counter()
         steps, data_wait = self.interval_steps, self.interval_data
         seconds_per_step = (now - self.interval_start) / steps
         count, loss_value, top1, top5 = self.interval.pull()
+        skipped_steps = skipped.total()
         self.step_time.add(seconds_per_step, steps)
         self.data_time.add(data_wait / steps, steps)
         self.loss_avg.add(loss_value, count)
@@ -246,7 +247,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         stopped = _stop_reason(skipped, precision, args, stop, runtime, print_line)
         if print_line or stopped:
             runtime.synchronize()
-            progress.log_line(log, step, skipped.total())
+            progress.log_line(log, step, skipped)
         if stopped:
             break
         if profiler is not None:

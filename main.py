@@ -5,6 +5,10 @@
     torchrun --nproc_per_node 8 main.py /data/imagenet --amp                   # also multi-node
     srun python main.py /data/imagenet --amp                                   # SLURM: one task per device
     python main.py                                                             # demo: digits, a few minutes on a CPU
+
+Read top to bottom: main() parses and launches one process per device, train() is one process's run, and the
+functions after it come in the order train() calls them; ``Run`` holds what a run builds, and saves and stops it.
+The options and their checks are in options.py.
 """
 import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
 
@@ -31,411 +35,25 @@ import pipeline
 import prefetch
 import profiling
 import recipe
+from options import check_args, parse_args
 from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description="MnasNet ImageNet training (NPU / GPU / CPU)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("data", nargs="?", metavar="DIR",
-                        help="ImageNet folder with train/ and val/; omitted: the scikit-learn digits demo")
-    parser.add_argument("-a", "--arch", default="mnasnet1_0", choices=sorted(mnasnet.ARCHS))
-    parser.add_argument("--dropout", default=0.2, type=float)
-    parser.add_argument("--bn-momentum", default=0.1, type=float,
-                        help="BatchNorm momentum, PyTorch's default; lower values (0.01 TF's, 0.0003 torchvision's) "
-                             "suit long runs only: in a few hundred steps they leave the statistics that "
-                             "validation uses near their initial values")
-
-    add_data_options(parser)
-    add_optimisation_options(parser)
-    add_device_options(parser)
-    add_precision_options(parser)
-    add_output_options(parser)
-    return parser
-
-
-def add_data_options(parser):
-    """Where the images come from and how they are decoded, augmented and mixed."""
-    group = parser.add_argument_group("data")
-    group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process; unset: from the CPUs per process")
-    group.add_argument("--dummy", action="store_true", help="synthetic ImageNet-sized data, no DIR needed")
-    group.add_argument("--dummy-images", default=1281167, type=int, help="training images in --dummy mode")
-    group.add_argument("--train-crop-size", default=224, type=int)
-    group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
-    group.add_argument("--val-resize-size", default=256, type=int,
-                       help="validation resizes the shorter side to this; unset with --crop-pct or named "
-                            "--pretrained weights: floor(--val-crop-size / crop pct)")
-    group.add_argument("--val-crop-size", default=224, type=int, help="validation's centre crop")
-    group.add_argument("--crop-pct", default=None, type=float,
-                       help="timm's crop fraction: sets --val-resize-size to floor(--val-crop-size / CROP_PCT) "
-                            "(0.875: 256 for 224); giving both that disagree is an error")
-    group.add_argument("--interpolation", default="bilinear", choices=data.INTERPOLATIONS,
-                       help="validation's resize; named --pretrained weights set their own unless given")
-    group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
-                       help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
-    group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
-    group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
-    group.add_argument("--cutmix", default=0.0, type=float, help="CutMix alpha (0: off); with --mixup, one per batch")
-    group.add_argument("--strict-data", action="store_true",
-                       help="an unreadable image is an error (default: logged once, replaced in training, "
-                            "left out of validation, counted)")
-    group.add_argument("--pipeline", default="fast", choices=pipeline.PIPELINES,
-                       help="input pipeline: fast (large JPEG crops decoded at reduced size by PIL draft(), others "
-                            "by torchvision.io; uint8 batches normalised on the device), standard (torchvision PIL transforms, float batches), tensor "
-                            "(torchvision.io decode), gpu (JPEG decode and augmentation on the CUDA device)")
-    group.add_argument("--fast-val", action="store_true",
-                       help="validation through the --pipeline's fast path too (otherwise standard PIL pixels)")
-
-
-def add_optimisation_options(parser):
-    """The optimizer, its schedule, the EMA and when non-finite gradients stop a run."""
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", default=90, type=int)
-    group.add_argument("--start-epoch", default=None, type=int,
-                       help="epoch a fresh run starts at, with the LR schedule where an uninterrupted run has it "
-                            "(unset: 0); a --resume checkpoint's epoch wins")
-    group.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch, split across processes")
-    group.add_argument("--lr", "--learning-rate", default=0.1, type=float)
-    group.add_argument("--momentum", default=0.9, type=float)
-    group.add_argument("--nesterov", action="store_true")
-    group.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
-    group.add_argument("--decay-norm-and-bias", action="store_true",
-                       help="also apply weight decay to BatchNorm parameters and biases")
-    group.add_argument("--label-smoothing", default=0.1, type=float)
-    group.add_argument("--warmup", default=0, type=float, help="linear warm-up epochs from 0.1x the LR")
-    group.add_argument("--max-steps", default=0, type=int, help="stop each epoch after N steps (0: whole epoch)")
-    group.add_argument("--opt", default="sgd", choices=["sgd", "rmsprop"],
-                       help="rmsprop: TensorFlow's, as in the MnasNet paper (eps inside the square root)")
-    group.add_argument("--rmsprop-decay", default=0.9, type=float)
-    group.add_argument("--opt-eps", default=1e-3, type=float, help="RMSProp epsilon")
-    group.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "step", "exponential"],
-                       help="after --warmup; step and exponential decay by --lr-decay-rate every --lr-decay-epochs")
-    group.add_argument("--lr-decay-epochs", default=None, type=float, help="unset: 30 (step), 2.4 (exponential)")
-    group.add_argument("--lr-decay-rate", default=None, type=float, help="unset: 0.1 (step), 0.97 (exponential)")
-    group.add_argument("--model-ema", action="store_true",
-                       help="also keep, validate and checkpoint an EMA of the weights and BatchNorm statistics")
-    group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
-    group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
-    group.add_argument("--max-nonfinite-steps", default=20, type=int,
-                       help="with a loss scaler (fp16 --amp, native or apex), stop after N steps in a row with "
-                            "non-finite gradients; without one the first such step stops the run")
-
-
-def add_device_options(parser):
-    """Which devices, how the processes meet, and what runs on the device."""
-    group = parser.add_argument_group("devices and distributed")
-    group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
-    group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3; unset: 0, or every device "
-                                                          "with --multiprocessing-distributed, torchrun or srun")
-    group.add_argument("--multiprocessing-distributed", action="store_true",
-                       help="one process per --device-list entry on this node")
-    group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
-    group.add_argument("--rank", default=0, type=int, help="this node's rank (with --multiprocessing-distributed)")
-    group.add_argument("--dist-url", default="env://", help="rendezvous; env:// reads MASTER_ADDR/MASTER_PORT")
-    group.add_argument("--dist-backend", default=None, help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
-    group.add_argument("--dist-timeout", default=1800, type=int, help="seconds before a stuck collective fails")
-    group.add_argument("--local_rank", "--local-rank", default=None, type=int,
-                       help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
-    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
-    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="torch.compile the model for training (CUDA; no faster on the CPU) and, with -e, the "
-                            "evaluated copy with its weights frozen in (CUDA, CPU); BACKEND defaults to inductor")
-    group.add_argument("--fuse-bn", default=True, action=argparse.BooleanOptionalAction,
-                       help="validate a copy with BatchNorm folded into the convolutions (faster, same function)")
-    group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                       help="auto: channels_last on CUDA and CPU, contiguous on NPU")
-
-
-def add_precision_options(parser):
-    """Mixed precision, and the kernel settings logged at start-up."""
-    group = parser.add_argument_group("mixed precision")
-    group.add_argument("--amp", action="store_true", help="fp16 on NPU/CUDA, bf16 on CPU")
-    group.add_argument("--amp-backend", default="native", choices=["native", "apex"])
-    group.add_argument("--opt-level", default="O1", choices=["O1", "O2"], help="apex opt level")
-    group.add_argument("--loss-scale", default="dynamic",
-                       help="'dynamic' or a fixed value such as 128 (never changed; overflowing steps are skipped)")
-
-    group = parser.add_argument_group("kernel settings (logged at start-up as '=> kernel settings: ...')")
-    group.add_argument("--npu-jit-compile", default="auto", choices=["auto", "on", "off"],
-                       help="NPU: compile operators online (on) or use CANN's prebuilt binary kernels (off: first "
-                            "steps in seconds, not minutes); auto: torch_npu's default for the chip (on for Atlas "
-                            "training/inference series, off for Atlas A2/A3)")
-    group.add_argument("--npu-internal-format", default="auto", choices=["auto", "on", "off"],
-                       help="NPU: let operators keep tensors in the NPU's private layouts (NC1HWC0, FRACTAL_Z); "
-                            "auto: torch_npu's default for the chip")
-    group.add_argument("--tf32", "--hf32", default="auto", choices=["auto", "on", "off"],
-                       help="fp32 convolutions and matmuls on TF32 tensor cores (CUDA) / in HF32 (NPU): on for "
-                            "both, off for neither; auto: the libraries' defaults, convolutions on, matmuls off")
-
-
-def add_output_options(parser):
-    """Checkpoints, evaluation, and what a run writes and logs."""
-    group = parser.add_argument_group("checkpoints, evaluation and output")
-    group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
-    group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
-    group.add_argument("--pretrained", default="", metavar="PATH",
-                       help="start from these weights: a file (ours, torchvision's), or 'torchvision' / 'timm' for "
-                            "that library's published weights of -a (downloaded once into its cache), validated "
-                            "with their own resize, crop and interpolation unless those flags are given")
-    group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
-    group.add_argument("--no-checkpoint", action="store_true",
-                       help="write no checkpoints (performance runs, which must not replace a real run's)")
-    group.add_argument("--seed", default=None, type=int)
-    group.add_argument("-p", "--print-freq", default=10, type=int)
-    group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
-    group.add_argument("--output-dir", default="output", help="logs and checkpoints")
-    group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
-    group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
-    group.add_argument("--tensorboard", action="store_true",
-                       help="also write the per-epoch metrics as TensorBoard scalars in <output-dir>/tensorboard")
-    group.add_argument("--profile", action="store_true",
-                       help="record a window of the first epoch's training steps with the device's profiler "
-                            "(torch.profiler; torch_npu.profiler on NPU): a TensorBoard trace per rank in "
-                            f"<output-dir>/{profiling.TRACE_FOLDER}, rank 0's top operators in its log")
-    group.add_argument("--profile-steps", default="5,2,5", metavar="WAIT,WARMUP,ACTIVE",
-                       help="--profile's window: skip WAIT steps, warm the profiler up for WARMUP, record ACTIVE")
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.data is None and not args.dummy:
-        # No data set given: the short demo run, unless the user set a flag explicitly.
-        parser.set_defaults(**data.DEMO_DEFAULTS)
-        args = parser.parse_args(argv)
-    args.explicit_options = explicit_options(argv, vars(args))
-    return args
-
-
-def explicit_options(argv, dests):
-    """The dests the command line sets (a default does not count): a resumed run takes a given --lr."""
-    unset = object()
-    probe = build_parser()
-    probe.set_defaults(**dict.fromkeys(dests, unset))
-    return sorted(dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset)
-
-
-def check_args(args):
-    """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
-    check_values(args)
-    check_weights(args)
-    if args.tensorboard:
-        metrics.tensorboard_writer_class()
-    check_devices(args)
-    args.data_dir = data_folder(args)
-    check_output_dir(args)
-    if args.named_weights is not None:
-        named_weights.fetch(args.named_weights)  # last (a download), and once rather than in every process at once
-
-
-def check_values(args):
-    """Each number in its range, --loss-scale and --profile-steps readable, the options given together fit."""
-    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps", "max_nonfinite_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "fps_warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 0")
-    if args.workers is not None and args.workers < 0:
-        raise UserError("-j/--workers must be at least 0")
-    if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
-        raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
-                        "native torch.amp is O1-style autocast")
-    if args.model_ema and args.amp and args.amp_backend == "apex" and args.opt_level == "O2":
-        raise UserError("--model-ema averages fp32 weights; apex O2 keeps fp16 ones: use --opt-level O1")
-    if not 0 <= args.random_erase <= 1 or args.mixup < 0 or args.cutmix < 0:
-        raise UserError("--random-erase must be a probability in [0, 1]; --mixup and --cutmix alphas at least 0")
-    if args.loss_scale != "dynamic":
-        try:
-            if float(args.loss_scale) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
-    if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
-        raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
-    args.profile_window = profiling.parse_steps(args.profile_steps)
-    if args.profile and args.evaluate:
-        raise UserError("--profile records training steps; -e/--evaluate trains none")
-    if "profile_steps" in args.explicit_options and not args.profile:
-        raise UserError("--profile-steps sets the window of --profile: add --profile")
-
-
-def check_weights(args):
-    """--resume and --pretrained exist (named weights are resolved, fetched last); validation's preprocessing."""
-    if args.evaluate and not (args.resume or args.pretrained):
-        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH|torchvision|timm")
-    args.named_weights = None
-    if args.pretrained in named_weights.SOURCES:
-        args.named_weights = named_weights.resolve(args.pretrained, args.arch)
-    for flag in ("resume", "pretrained"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path) and not (flag == "pretrained" and args.named_weights):
-            raise UserError(f"--{flag}: checkpoint not found: {path}")
-    args.val_preprocessing = choose_val_preprocessing(args, args.named_weights)
-
-
-def check_devices(args):
-    """The device kind and what it can run, the device ids, the distributed options."""
-    args.device_kind = device.resolve_device_kind(args.device)
-    if args.sync_bn and args.device_kind == "cpu":
-        raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
-    if args.amp and args.amp_backend == "apex":
-        args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
-    if args.compile and args.device_kind == "npu":
-        raise UserError("--compile is refused on NPU: torch_npu registers its own torch.compile backends (npu, "
-                        "npugraph_ex, npugraphs), but this project has not been tested with them on an NPU; leave "
-                        "--compile off on NPU")
-    if args.pipeline == "gpu" and args.device_kind == "npu":
-        raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
-    if (args.auto_augment or args.random_erase) and args.pipeline != "standard":
-        raise UserError("--auto-augment and --random-erase work on PIL images: add --pipeline standard")
-    if args.amp and args.amp_backend == "apex":
-        if args.device_kind == "cpu":
-            raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
-        device.import_apex_amp(args.device_kind)
-    default_ids = "0"
-    if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
-        default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
-    args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
-    device.check_distributed_args(args)
-
-
-def data_folder(args):
-    """The image folder: None with --dummy, the digits demo's (written now) without DIR, else DIR, checked."""
-    if args.dummy:
-        return None
-    if args.data is None:
-        return data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
-    data.check_layout(args.data, need_train=not args.evaluate)
-    return args.data
-
-
-def check_output_dir(args):
-    """--output-dir exists (created now) and is writable."""
+def main(argv=None):
+    """Parse and check the command line, then run main_worker in each process (device.launch)."""
+    args = parse_args(argv)
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from None
-    if not os.access(args.output_dir, os.W_OK):
-        raise UserError(f"--output-dir {args.output_dir} is not writable")
-
-
-def choose_val_preprocessing(args, weights):
-    """Set --val-crop-size, --val-resize-size and --interpolation as validation uses them: a flag given on the
-    command line wins, then the named weights' own preprocessing, then the defaults. A crop pct (--crop-pct, else
-    the weights') makes the resize floor(crop / crop pct), timm's rule, unless --val-resize-size is given.
-    Returns what was chosen and why, for the log."""
-    given = set(args.explicit_options)
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    published = weights.preprocessing if weights is not None else None
-    origin = {name: "flag" if name in given else "default"
-              for name in ("val_crop_size", "val_resize_size", "interpolation")}
-    if published is not None:
-        for name, value in (("val_crop_size", published.crop_size), ("interpolation", published.interpolation)):
-            if name not in given:
-                setattr(args, name, value)
-                origin[name] = "weights"
-    crop_pct = args.crop_pct if args.crop_pct is not None else published and published.crop_pct
-    if crop_pct:
-        resize = named_weights.resize_for(args.val_crop_size, crop_pct)
-        if "val_resize_size" not in given:
-            args.val_resize_size = resize
-            origin["val_resize_size"] = (f"crop / {float(crop_pct):.4g}, "
-                                         + ("--crop-pct" if args.crop_pct is not None else "weights"))
-        elif args.crop_pct is not None and resize != args.val_resize_size:
-            raise UserError(f"--crop-pct {args.crop_pct} with --val-crop-size {args.val_crop_size} means "
-                            f"--val-resize-size {resize}, but --val-resize-size is {args.val_resize_size}; "
-                            "give one of them")
-    chosen = (f"validation: resize {args.val_resize_size} ({origin['val_resize_size']}), centre crop "
-              f"{args.val_crop_size} ({origin['val_crop_size']}), {args.interpolation} ({origin['interpolation']})")
-    return chosen + (f"; weights: {weights.description}" if weights is not None else "")
-
-
-def build_datasets(args):
-    """(train set, val set); with -e the train set is None (evaluation reads val/ alone)."""
-    if args.data_dir is None:
-        val_images = max(args.dummy_images // 25, 1)
-        val_set = data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1)
-        if args.evaluate:
-            return None, val_set
-        return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
-    (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
-    if args.evaluate:
-        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read)
-    return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read))
-
-
-def evaluated_classes(args):
-    """The class folder names the evaluated checkpoint records (main.py's do), or None."""
-    if not args.resume and args.named_weights is not None:
-        return None  # published weights: ImageNet's classes in sorted folder order
-    state = checkpoint.load_file(args.resume or args.pretrained)
-    classes = state.get("classes") if isinstance(state, dict) else None
-    return classes if isinstance(classes, (list, tuple)) else None
-
-
-def build_loaders(train_set, val_set, runtime, args, log):
-    per_process_batch = args.batch_size // runtime.world_size
-    workers = loader_workers(args, runtime)
-    val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
-    device_decode = args.pipeline == "gpu" and args.data_dir is not None
-    val_decode = device_decode and args.fast_val
-    val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
-                                   pin_memory=runtime.pin_memory, persistent=False,
-                                   collate_fn=pipeline.collate_bytes if val_decode else None)
-    val_transfer = None
-    if val_decode:
-        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size,
-                                             strict=args.strict_data, log=log, interpolation=args.interpolation)
-    # Unreadable files are reported as batches leave the workers; the device stage comes last.
-    val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
-    if train_set is None:
-        return None, val_loader, None  # -e
-
-    # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
-    # the same order as an uninterrupted one.
-    train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
-    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
-                                     pin_memory=runtime.pin_memory, seed=args.seed,
-                                     collate_fn=pipeline.collate_bytes if device_decode else None)
-    if len(train_loader) == 0:
-        raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
-                        "lower -b/--batch-size")
-    train_transfer = None
-    if device_decode:
-        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0),
-                                               strict=args.strict_data, log=log)
-    return (prefetch.DeviceLoader(data.CheckedLoader(train_loader, args.strict_data, log), runtime, train_transfer),
-            val_loader, train_sampler)
-
-
-def usable_cpus():
-    """The CPUs this process may run on (its affinity mask: taskset, cgroups, a scheduler's binding)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpus_per_process(runtime):
-    """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
-    --cpus-per-task when given, which is already one task's share."""
-    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
-    return max(1, usable_cpus() // runtime.local_world_size)
-
-
-def loader_workers(args, runtime):
-    return args.workers if args.workers is not None else default_workers(runtime)
-
-
-def default_workers(runtime):
-    """Leave a core per process for the training loop itself. One fast-pipeline worker makes roughly 250-400
-    ImageNet crops/s (bench.py), so up to 16 per process feed an NPU at the reference's 2,570 img/s with room."""
-    return max(1, min(16, cpus_per_process(runtime) - 1))
+        check_args(args)
+        device.launch(main_worker, args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main_worker(local_rank, args):
+    """One process: train, turning a bad input or a failed collective into a one-line error."""
     try:
         with engine.StopRequest() as stop:
             train(local_rank, args, stop)
@@ -486,6 +104,42 @@ def set_up_process(args, local_rank):
         raise UserError(f"-b/--batch-size {args.batch_size} is the global batch and must divide evenly "
                         f"across {runtime.world_size} processes")
     return runtime, log
+
+
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups, a scheduler's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_process(runtime):
+    """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
+    --cpus-per-task when given, which is already one task's share."""
+    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
+    return max(1, usable_cpus() // runtime.local_world_size)
+
+
+def build_datasets(args):
+    """(train set, val set); with -e the train set is None (evaluation reads val/ alone)."""
+    if args.data_dir is None:
+        val_images = max(args.dummy_images // 25, 1)
+        val_set = data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1)
+        if args.evaluate:
+            return None, val_set
+        return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
+    (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
+    if args.evaluate:
+        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read)
+    return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read))
+
+
+def evaluated_classes(args):
+    """The class folder names the evaluated checkpoint records (main.py's do), or None."""
+    if not args.resume and args.named_weights is not None:
+        return None  # published weights: ImageNet's classes in sorted folder order
+    state = checkpoint.load_file(args.resume or args.pretrained)
+    classes = state.get("classes") if isinstance(state, dict) else None
+    return classes if isinstance(classes, (list, tuple)) else None
 
 
 def log_run_shape(train_set, val_set, runtime, args, log):
@@ -540,6 +194,51 @@ def build_model(args, runtime, num_classes, log):
     return model
 
 
+def build_loaders(train_set, val_set, runtime, args, log):
+    per_process_batch = args.batch_size // runtime.world_size
+    workers = loader_workers(args, runtime)
+    val_sampler = data.EvalShardSampler(val_set, runtime.world_size, runtime.rank) if runtime.distributed else None
+    device_decode = args.pipeline == "gpu" and args.data_dir is not None
+    val_decode = device_decode and args.fast_val
+    val_loader = data.build_loader(val_set, per_process_batch, workers, sampler=val_sampler,
+                                   pin_memory=runtime.pin_memory, persistent=False,
+                                   collate_fn=pipeline.collate_bytes if val_decode else None)
+    val_transfer = None
+    if val_decode:
+        val_transfer = prefetch.DeviceDecode(runtime, False, args.val_crop_size, resize_size=args.val_resize_size,
+                                             strict=args.strict_data, log=log, interpolation=args.interpolation)
+    # Unreadable files are reported as batches leave the workers; the device stage comes last.
+    val_loader = prefetch.DeviceLoader(data.CheckedLoader(val_loader, args.strict_data, log), runtime, val_transfer)
+    if train_set is None:
+        return None, val_loader, None  # -e
+
+    # The shuffle order is a function of (seed, epoch) on one process as on many, so a resumed run sees
+    # the same order as an uninterrupted one.
+    train_sampler = data.TrainSampler(train_set, runtime.world_size, runtime.rank, seed=args.seed or 0)
+    train_loader = data.build_loader(train_set, per_process_batch, workers, sampler=train_sampler, drop_last=True,
+                                     pin_memory=runtime.pin_memory, seed=args.seed,
+                                     collate_fn=pipeline.collate_bytes if device_decode else None)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(train_set)} training images make no full batch of {per_process_batch} per process; "
+                        "lower -b/--batch-size")
+    train_transfer = None
+    if device_decode:
+        train_transfer = prefetch.DeviceDecode(runtime, True, args.train_crop_size, (args.min_crop_scale, 1.0),
+                                               strict=args.strict_data, log=log)
+    return (prefetch.DeviceLoader(data.CheckedLoader(train_loader, args.strict_data, log), runtime, train_transfer),
+            val_loader, train_sampler)
+
+
+def loader_workers(args, runtime):
+    return args.workers if args.workers is not None else default_workers(runtime)
+
+
+def default_workers(runtime):
+    """Leave a core per process for the training loop itself. One fast-pipeline worker makes roughly 250-400
+    ImageNet crops/s (bench.py), so up to 16 per process feed an NPU at the reference's 2,570 img/s with room."""
+    return max(1, min(16, cpus_per_process(runtime) - 1))
+
+
 def start_point(run):
     """Where training starts, --resume's checkpoint or --start-epoch: (epoch, step, RNG state to restore
     mid-epoch or None); a resumed run also takes the checkpoint's best Acc@1."""
@@ -550,6 +249,69 @@ def start_point(run):
             args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema, run.runtime, run.log)
     start_epoch, start_step = first_unfinished_step(start_epoch, start_step, run.steps_per_epoch)
     return start_epoch, start_step, resumed_rng
+
+
+def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
+    """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
+    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns (epoch, step,
+    best Acc@1, RNG state to restore mid-epoch)."""
+    state = checkpoint.load_file(args.resume)
+    missing = [] if args.evaluate else checkpoint.missing_run_state(state)
+    if missing:
+        raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
+                        f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
+    checkpoint.load_model_weights(model, state, args.arch, args.resume)
+    where = (0, 0, 0.0, None)
+    if not args.evaluate:
+        kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
+                   for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, kernels):
+            group.update(chosen)  # which kernels run is this device's choice, not the saved run's (fused: CUDA)
+        scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("precision", {}))
+        if ema is not None and "model_ema" in state:
+            ema.load_state_dict(state["model_ema"])
+        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log))
+        if args.start_epoch is not None and args.start_epoch != state["epoch"]:
+            log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
+                        f"checkpoint's epoch {state['epoch']}")
+        saved_lr = scheduler.base_lrs[0]
+        new_lr = args.lr if "lr" in args.explicit_options and args.lr != saved_lr else None
+        factor = recipe.resume_schedule(optimizer, scheduler, new_lr)
+        if new_lr is not None:
+            log.info(f"=> --lr {new_lr} replaces the checkpoint's {saved_lr}: the learning rate schedule is "
+                     f"scaled by {factor:.4g} from here on")
+    log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
+             f"best Acc@1 {state.get('best_acc1')})")
+    return where
+
+
+def first_unfinished_step(epoch, step, steps_per_epoch):
+    """Where training goes on from a resumed (epoch, step): a run stopped after the last step of an epoch goes on
+    with the next one, rather than an empty epoch without training figures."""
+    return (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
+
+
+def resumed_rng_state(state, runtime, log):
+    """This rank's RNG state from a checkpoint, for a mid-epoch resume; None (with a warning) if the checkpoint
+    was written by another number of processes."""
+    saved = state.get("rng")
+    if saved is None or len(saved) != runtime.world_size:
+        if state.get("step"):
+            log.warning("=> resuming mid-epoch with another number of processes than the checkpoint's: the rest of "
+                        "this epoch draws other random numbers than the interrupted run would have")
+        return None
+    return saved[runtime.rank]
+
+
+def new_summary(args, runtime):
+    """The run's figures, filled in as it goes and written by --summary-json (the test/ launchers read it)."""
+    return {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
+            "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
+            "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
+            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": [],
+            **breakdown_summary(engine.StepBreakdown())}
 
 
 def evaluate_only(run, val_loader):
@@ -594,6 +356,15 @@ def train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, star
         runtime.barrier()
 
 
+def start_profiler(args, runtime, first_epoch_steps):
+    """--profile's profiler, recording from the next training step; its window must fit in the first epoch."""
+    wait, warmup, active = args.profile_window
+    if wait + warmup + active > first_epoch_steps:
+        raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
+                        f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
+    return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
+
+
 def start_epoch_streams(run, train_sampler, epoch, first_step, resumed_rng):
     """Position the sampler and the random streams for ``epoch``, from ``first_step``."""
     args, runtime = run.args, run.runtime
@@ -625,10 +396,34 @@ def validate_epoch(run, val_loader, epoch, steps_done):
     return val_stats, ema_stats
 
 
+def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
+    """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
+    run was asked to stop."""
+    scored = engine.inference_model(model_without_ddp, args.fuse_bn)
+    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
+    if val_stats is None or ema is None:
+        return None if val_stats is None else (val_stats, {})
+    scored = engine.inference_model(ema, args.fuse_bn)
+    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
+    return None if ema_stats is None else (val_stats, ema_stats)
+
+
 def val_summary(stats):
     """The summary's validation fields from evaluate()'s result."""
     return {"val_loss": stats["loss"], "val_acc1": stats["acc1"], "val_acc5": stats["acc5"],
             "val_images": stats["count"], "val_skipped_images": stats["skipped_images"]}
+
+
+def breakdown_line(epoch, breakdown):
+    means = breakdown.means_ms()
+    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
+            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
+            f"(data wait {100 * breakdown.data_share:.0f}%)")
+
+
+def breakdown_summary(breakdown):
+    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
+    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
 
 
 @dataclasses.dataclass
@@ -786,102 +581,6 @@ class Run:
                 json.dump(_finite(summary), handle, indent=2)
 
 
-def start_profiler(args, runtime, first_epoch_steps):
-    """--profile's profiler, recording from the next training step; its window must fit in the first epoch."""
-    wait, warmup, active = args.profile_window
-    if wait + warmup + active > first_epoch_steps:
-        raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
-                        f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
-    return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
-
-
-def breakdown_line(epoch, breakdown):
-    means = breakdown.means_ms()
-    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
-            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
-            f"(data wait {100 * breakdown.data_share:.0f}%)")
-
-
-def breakdown_summary(breakdown):
-    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
-    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
-
-
-def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
-    """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
-    run was asked to stop."""
-    scored = engine.inference_model(model_without_ddp, args.fuse_bn)
-    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
-    if val_stats is None or ema is None:
-        return None if val_stats is None else (val_stats, {})
-    scored = engine.inference_model(ema, args.fuse_bn)
-    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
-    return None if ema_stats is None else (val_stats, ema_stats)
-
-
-def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
-    """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
-    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns (epoch, step,
-    best Acc@1, RNG state to restore mid-epoch)."""
-    state = checkpoint.load_file(args.resume)
-    missing = [] if args.evaluate else checkpoint.missing_run_state(state)
-    if missing:
-        raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
-                        f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
-    checkpoint.load_model_weights(model, state, args.arch, args.resume)
-    where = (0, 0, 0.0, None)
-    if not args.evaluate:
-        kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
-                   for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, chosen in zip(optimizer.param_groups, kernels):
-            group.update(chosen)  # which kernels run is this device's choice, not the saved run's (fused: CUDA)
-        scheduler.load_state_dict(state["scheduler"])
-        precision.load_state_dict(state.get("precision", {}))
-        if ema is not None and "model_ema" in state:
-            ema.load_state_dict(state["model_ema"])
-        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log))
-        if args.start_epoch is not None and args.start_epoch != state["epoch"]:
-            log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
-                        f"checkpoint's epoch {state['epoch']}")
-        saved_lr = scheduler.base_lrs[0]
-        new_lr = args.lr if "lr" in args.explicit_options and args.lr != saved_lr else None
-        factor = recipe.resume_schedule(optimizer, scheduler, new_lr)
-        if new_lr is not None:
-            log.info(f"=> --lr {new_lr} replaces the checkpoint's {saved_lr}: the learning rate schedule is "
-                     f"scaled by {factor:.4g} from here on")
-    log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
-             f"best Acc@1 {state.get('best_acc1')})")
-    return where
-
-
-def first_unfinished_step(epoch, step, steps_per_epoch):
-    """Where training goes on from a resumed (epoch, step): a run stopped after the last step of an epoch goes on
-    with the next one, rather than an empty epoch without training figures."""
-    return (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
-
-
-def resumed_rng_state(state, runtime, log):
-    """This rank's RNG state from a checkpoint, for a mid-epoch resume; None (with a warning) if the checkpoint
-    was written by another number of processes."""
-    saved = state.get("rng")
-    if saved is None or len(saved) != runtime.world_size:
-        if state.get("step"):
-            log.warning("=> resuming mid-epoch with another number of processes than the checkpoint's: the rest of "
-                        "this epoch draws other random numbers than the interrupted run would have")
-        return None
-    return saved[runtime.rank]
-
-
-def new_summary(args, runtime):
-    """The run's figures, filled in as it goes and written by --summary-json (the test/ launchers read it)."""
-    return {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
-            "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
-            "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
-            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": [],
-            **breakdown_summary(engine.StepBreakdown())}
-
-
 def _finite(value):
     """JSON has no NaN: a metric that could not be computed is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -891,16 +590,6 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return value
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        device.launch(main_worker, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
