@@ -128,6 +128,79 @@ class StepBreakdown:
                 f"at reduced size, gpu decodes on the CUDA device) help")
 
 
+class _EpochProgress:
+    """The bookkeeping behind an epoch's printed lines and its measured window: the steps, data wait and metrics
+    (on the device) since the last line, the epoch's running means and its StepBreakdown. Reads the clock only;
+    the caller syncs the device before ``open_window`` and ``log_line``."""
+
+    def __init__(self, runtime, loader, epoch, steps, window_first_step):
+        self.loader, self.epoch, self.steps = loader, epoch, steps
+        self.window_first_step = window_first_step
+        self.interval = MetricSums(runtime.device)
+        self.step_time, self.data_time, self.loss_avg, self.top1_avg, self.top5_avg = (Average() for _ in range(5))
+        self.breakdown, self.copy_mark = StepBreakdown(), loader.copy_seconds
+        self.global_batch = 0
+        self.interval_steps, self.interval_data = 0, 0.0
+        self.interval_start = self.last_step_end = self.window_start = None
+
+    def start(self, start_step):
+        self.interval_start = self.last_step_end = time.perf_counter()
+        # Without warm-up steps the measured window opens now, before the first step.
+        if self.window_first_step == start_step:
+            self.window_start = self.interval_start
+
+    def batch_arrived(self):
+        self.interval_data += time.perf_counter() - self.last_step_end
+
+    def step_done(self, loss, output, labels, world_size):
+        self.interval.update(loss, output, labels)
+        self.interval_steps += 1
+        self.global_batch = labels.shape[0] * world_size
+
+    def step_end(self):
+        self.last_step_end = time.perf_counter()
+
+    def open_window(self):
+        self.window_start = time.perf_counter()
+
+    def log_line(self, log, step, skipped):
+        """Log the reference's line for the steps since the last one (their metrics are pulled from the device),
+        then start the next interval."""
+        now = time.perf_counter()
+        steps, data_wait = self.interval_steps, self.interval_data
+        seconds_per_step = (now - self.interval_start) / steps
+        count, loss_value, top1, top5 = self.interval.pull()
+        skipped_steps = skipped.total()
+        self.step_time.add(seconds_per_step, steps)
+        self.data_time.add(data_wait / steps, steps)
+        self.loss_avg.add(loss_value, count)
+        self.top1_avg.add(top1, count)
+        self.top5_avg.add(top5, count)
+        self.breakdown.add(steps, now - self.interval_start, data_wait, self.loader.copy_seconds - self.copy_mark)
+        self.copy_mark = self.loader.copy_seconds
+        step_fps = self.global_batch / seconds_per_step
+        measured = step + 1 - self.window_first_step
+        mean_fps = measured * self.global_batch / (now - self.window_start) if measured > 0 else step_fps
+        log.info(f"Epoch: [{self.epoch}][{step + 1}/{self.steps}]\t"
+                 f"Time {seconds_per_step:.3f} ({self.step_time.mean:.3f})\t"
+                 f"Data {data_wait / steps:.3f} ({self.data_time.mean:.3f})\t"
+                 f"Loss {loss_value:.4e} ({self.loss_avg.mean:.4e})\t"
+                 f"Acc@1 {top1:6.2f} ({self.top1_avg.mean:6.2f})\t"
+                 f"Acc@5 {top5:6.2f} ({self.top5_avg.mean:6.2f})\t"
+                 f"FPS {step_fps:.2f} ({mean_fps:.2f})"
+                 + (f"\tSkipped {skipped_steps}" if skipped_steps else ""))
+        self.interval_start = time.perf_counter()
+        self.interval_steps, self.interval_data = 0, 0.0
+
+    def add_window(self, throughput, steps_done):
+        """Add the epoch's measured window to the run's throughput (the device was synced just before)."""
+        measured = steps_done - self.window_first_step
+        if self.window_start is not None and measured > 0:
+            throughput.steps += measured
+            throughput.images += measured * self.global_batch
+            throughput.seconds += time.perf_counter() - self.window_start
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
                     throughput, stop, start_step=0, ema=None, mix=None, profiler=None):
     """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
@@ -147,92 +220,71 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     steps = start_step + len(loader)
     if args.max_steps:
         steps = min(steps, args.max_steps)
-    nonfinite_limit = args.max_nonfinite_steps if precision.has_scaler else 1
     skipped, stopped, steps_done = SkippedSteps(), None, start_step
-    interval, epoch_sums = MetricSums(runtime.device), MetricSums(runtime.device)
-    step_time, data_time, loss_avg, top1_avg, top5_avg = (Average() for _ in range(5))
-    global_batch = 0
-    window_first_step = start_step + throughput.warmup_steps
-
+    epoch_sums = MetricSums(runtime.device)
+    progress = _EpochProgress(runtime, loader, epoch, steps, start_step + throughput.warmup_steps)
     # On a terminal only: log files (and pipes) get exactly the reference's lines.
     bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
                file=sys.stdout, disable=not (runtime.is_main and interactive()))
     runtime.synchronize()
-    interval_start = last_step_end = time.perf_counter()
-    # Without warm-up steps the measured window opens now, before the first step.
-    window_start = interval_start if window_first_step == start_step else None
-    interval_steps, interval_data = 0, 0.0
-    breakdown, copy_mark = StepBreakdown(), loader.copy_seconds
-    for step, (images, target) in enumerate(loader, start_step):
+    progress.start(start_step)
+    for step, (images, labels) in enumerate(loader, start_step):
         if step >= steps:
             break
-        interval_data += time.perf_counter() - last_step_end
-        labels = target
-        images, target = mix(images, labels) if mix is not None else (images, labels)
-        with precision.autocast():
-            output = model(images)
-            loss = criterion(output, target)
-        skipped.add(precision.step(loss, optimizer))
-        scheduler.step()
+        progress.batch_arrived()
+        loss, output = _train_step(model, criterion, optimizer, scheduler, precision, images, labels, mix, skipped)
         steps_done = step + 1
         if ema is not None and steps_done % args.model_ema_steps == 0:
             ema.update_parameters(model)
         bar.update(args.batch_size)
-        interval.update(loss, output, labels)
+        progress.step_done(loss, output, labels, runtime.world_size)
         epoch_sums.update(loss, output, labels)
-        interval_steps += 1
-        global_batch = target.shape[0] * runtime.world_size
 
-        if step + 1 == window_first_step:
+        if step + 1 == progress.window_first_step:
             runtime.synchronize()
-            window_start = time.perf_counter()
+            progress.open_window()
         print_line = (step + 1) % args.print_freq == 0 or step + 1 == steps
-        if (print_line or not precision.has_scaler) and skipped.longest_run() >= nonfinite_limit:
-            stopped = "non-finite"
-        elif stop.requested(runtime, sync_point=print_line):
-            stopped = stop.name
+        stopped = _stop_reason(skipped, precision, args, stop, runtime, print_line)
         if print_line or stopped:
             runtime.synchronize()
-            now = time.perf_counter()
-            seconds_per_step = (now - interval_start) / interval_steps
-            count, loss_value, top1, top5 = interval.pull()
-            skipped_steps = skipped.total()
-            step_time.add(seconds_per_step, interval_steps)
-            data_time.add(interval_data / interval_steps, interval_steps)
-            loss_avg.add(loss_value, count)
-            top1_avg.add(top1, count)
-            top5_avg.add(top5, count)
-            breakdown.add(interval_steps, now - interval_start, interval_data, loader.copy_seconds - copy_mark)
-            copy_mark = loader.copy_seconds
-            step_fps = global_batch / seconds_per_step
-            measured = step + 1 - window_first_step
-            mean_fps = measured * global_batch / (now - window_start) if measured > 0 else step_fps
-            log.info(f"Epoch: [{epoch}][{step + 1}/{steps}]\t"
-                     f"Time {seconds_per_step:.3f} ({step_time.mean:.3f})\t"
-                     f"Data {interval_data / interval_steps:.3f} ({data_time.mean:.3f})\t"
-                     f"Loss {loss_value:.4e} ({loss_avg.mean:.4e})\t"
-                     f"Acc@1 {top1:6.2f} ({top1_avg.mean:6.2f})\t"
-                     f"Acc@5 {top5:6.2f} ({top5_avg.mean:6.2f})\t"
-                     f"FPS {step_fps:.2f} ({mean_fps:.2f})"
-                     + (f"\tSkipped {skipped_steps}" if skipped_steps else ""))
-            interval_start = time.perf_counter()
-            interval_steps, interval_data = 0, 0.0
+            progress.log_line(log, step, skipped)
         if stopped:
             break
         if profiler is not None:
             profiler.step()
-        last_step_end = time.perf_counter()
+        progress.step_end()
     bar.close()
 
     runtime.synchronize()
-    measured = steps_done - window_first_step
-    if window_start is not None and measured > 0:
-        throughput.steps += measured
-        throughput.images += measured * global_batch
-        throughput.seconds += time.perf_counter() - window_start
+    progress.add_window(throughput, steps_done)
     result = _global_means(epoch_sums, runtime, loader.skipped)
-    result.update(steps_done=steps_done, skipped_steps=skipped.total(), stopped=stopped, breakdown=breakdown)
+    result.update(steps_done=steps_done, skipped_steps=skipped.total(), stopped=stopped,
+                  breakdown=progress.breakdown)
     return result
+
+
+def _train_step(model, criterion, optimizer, scheduler, precision, images, labels, mix, skipped):
+    """One optimizer step on a batch (recorded in ``skipped`` when its gradients were not finite): (loss,
+    output), still on the device."""
+    images, target = mix(images, labels) if mix is not None else (images, labels)
+    with precision.autocast():
+        output = model(images)
+        loss = criterion(output, target)
+    skipped.add(precision.step(loss, optimizer))
+    scheduler.step()
+    return loss, output
+
+
+def _stop_reason(skipped, precision, args, stop, runtime, print_line):
+    """Why the epoch ends after this step ('non-finite', or the signal's name), or None. With a loss scaler the
+    non-finite count is read at printed lines only (the scaler's verdict stays on the device until then); the
+    ranks agree on a signal at printed lines."""
+    nonfinite_limit = args.max_nonfinite_steps if precision.has_scaler else 1
+    if (print_line or not precision.has_scaler) and skipped.longest_run() >= nonfinite_limit:
+        return "non-finite"
+    if stop.requested(runtime, sync_point=print_line):
+        return stop.name
+    return None
 
 
 def _global_means(sums, runtime, skipped_images):

@@ -5,11 +5,17 @@
     torchrun --nproc_per_node 8 main.py /data/imagenet --amp                   # also multi-node
     srun python main.py /data/imagenet --amp                                   # SLURM: one task per device
     python main.py                                                             # demo: digits, a few minutes on a CPU
+
+Read top to bottom: main() parses and launches one process per device, train() is one process's run, and the
+functions after it come in the order train() calls them; ``Run`` holds what a run builds, and saves and stops it.
+The options and their checks are in options.py.
 """
 import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -29,285 +35,88 @@ import pipeline
 import prefetch
 import profiling
 import recipe
+from options import check_args, parse_args
 from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description="MnasNet ImageNet training (NPU / GPU / CPU)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("data", nargs="?", metavar="DIR",
-                        help="ImageNet folder with train/ and val/; omitted: the scikit-learn digits demo")
-    parser.add_argument("-a", "--arch", default="mnasnet1_0", choices=sorted(mnasnet.ARCHS))
-    parser.add_argument("--dropout", default=0.2, type=float)
-    parser.add_argument("--bn-momentum", default=0.1, type=float,
-                        help="BatchNorm momentum, PyTorch's default; lower values (0.01 TF's, 0.0003 torchvision's) "
-                             "suit long runs only: in a few hundred steps they leave the statistics that "
-                             "validation uses near their initial values")
-
-    group = parser.add_argument_group("data")
-    group.add_argument("-j", "--workers", default=None, type=int, help="loader workers per process; unset: from the CPUs per process")
-    group.add_argument("--dummy", action="store_true", help="synthetic ImageNet-sized data, no DIR needed")
-    group.add_argument("--dummy-images", default=1281167, type=int, help="training images in --dummy mode")
-    group.add_argument("--train-crop-size", default=224, type=int)
-    group.add_argument("--min-crop-scale", default=0.08, type=float, help="RandomResizedCrop's smallest area")
-    group.add_argument("--val-resize-size", default=256, type=int,
-                       help="validation resizes the shorter side to this; unset with --crop-pct or named "
-                            "--pretrained weights: floor(--val-crop-size / crop pct)")
-    group.add_argument("--val-crop-size", default=224, type=int, help="validation's centre crop")
-    group.add_argument("--crop-pct", default=None, type=float,
-                       help="timm's crop fraction: sets --val-resize-size to floor(--val-crop-size / CROP_PCT) "
-                            "(0.875: 256 for 224); giving both that disagree is an error")
-    group.add_argument("--interpolation", default="bilinear", choices=data.INTERPOLATIONS,
-                       help="validation's resize; named --pretrained weights set their own unless given")
-    group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
-                       help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
-    group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
-    group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
-    group.add_argument("--cutmix", default=0.0, type=float, help="CutMix alpha (0: off); with --mixup, one per batch")
-    group.add_argument("--strict-data", action="store_true",
-                       help="an unreadable image is an error (default: logged once, replaced in training, "
-                            "left out of validation, counted)")
-    group.add_argument("--pipeline", default="fast", choices=pipeline.PIPELINES,
-                       help="input pipeline: fast (large JPEG crops decoded at reduced size by PIL draft(), others "
-                            "by torchvision.io; uint8 batches normalised on the device), standard (torchvision PIL transforms, float batches), tensor "
-                            "(torchvision.io decode), gpu (JPEG decode and augmentation on the CUDA device)")
-    group.add_argument("--fast-val", action="store_true",
-                       help="validation through the --pipeline's fast path too (otherwise standard PIL pixels)")
-
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", default=90, type=int)
-    group.add_argument("--start-epoch", default=None, type=int,
-                       help="epoch a fresh run starts at, with the LR schedule where an uninterrupted run has it "
-                            "(unset: 0); a --resume checkpoint's epoch wins")
-    group.add_argument("-b", "--batch-size", default=256, type=int, help="GLOBAL batch, split across processes")
-    group.add_argument("--lr", "--learning-rate", default=0.1, type=float)
-    group.add_argument("--momentum", default=0.9, type=float)
-    group.add_argument("--nesterov", action="store_true")
-    group.add_argument("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay")
-    group.add_argument("--decay-norm-and-bias", action="store_true",
-                       help="also apply weight decay to BatchNorm parameters and biases")
-    group.add_argument("--label-smoothing", default=0.1, type=float)
-    group.add_argument("--warmup", default=0, type=float, help="linear warm-up epochs from 0.1x the LR")
-    group.add_argument("--max-steps", default=0, type=int, help="stop each epoch after N steps (0: whole epoch)")
-    group.add_argument("--opt", default="sgd", choices=["sgd", "rmsprop"],
-                       help="rmsprop: TensorFlow's, as in the MnasNet paper (eps inside the square root)")
-    group.add_argument("--rmsprop-decay", default=0.9, type=float)
-    group.add_argument("--opt-eps", default=1e-3, type=float, help="RMSProp epsilon")
-    group.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "step", "exponential"],
-                       help="after --warmup; step and exponential decay by --lr-decay-rate every --lr-decay-epochs")
-    group.add_argument("--lr-decay-epochs", default=None, type=float, help="unset: 30 (step), 2.4 (exponential)")
-    group.add_argument("--lr-decay-rate", default=None, type=float, help="unset: 0.1 (step), 0.97 (exponential)")
-    group.add_argument("--model-ema", action="store_true",
-                       help="also keep, validate and checkpoint an EMA of the weights and BatchNorm statistics")
-    group.add_argument("--model-ema-decay", default=0.9999, type=float, help="EMA decay per training step")
-    group.add_argument("--model-ema-steps", default=32, type=int, help="update the EMA every N steps")
-    group.add_argument("--max-nonfinite-steps", default=20, type=int,
-                       help="with a loss scaler (fp16 --amp, native or apex), stop after N steps in a row with "
-                            "non-finite gradients; without one the first such step stops the run")
-
-    group = parser.add_argument_group("devices and distributed")
-    group.add_argument("--device", default="auto", choices=["auto", "npu", "gpu", "cuda", "cpu"])
-    group.add_argument("--device-list", default=None, help="device ids, e.g. 0,1,2,3; unset: 0, or every device "
-                                                          "with --multiprocessing-distributed, torchrun or srun")
-    group.add_argument("--multiprocessing-distributed", action="store_true",
-                       help="one process per --device-list entry on this node")
-    group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
-    group.add_argument("--rank", default=0, type=int, help="this node's rank (with --multiprocessing-distributed)")
-    group.add_argument("--dist-url", default="env://", help="rendezvous; env:// reads MASTER_ADDR/MASTER_PORT")
-    group.add_argument("--dist-backend", default=None, help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
-    group.add_argument("--dist-timeout", default=1800, type=int, help="seconds before a stuck collective fails")
-    group.add_argument("--local_rank", "--local-rank", default=None, type=int,
-                       help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
-    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
-    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="torch.compile the model for training (CUDA; no faster on the CPU) and, with -e, the "
-                            "evaluated copy with its weights frozen in (CUDA, CPU); BACKEND defaults to inductor")
-    group.add_argument("--fuse-bn", default=True, action=argparse.BooleanOptionalAction,
-                       help="validate a copy with BatchNorm folded into the convolutions (faster, same function)")
-    group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                       help="auto: channels_last on CUDA and CPU, contiguous on NPU")
-
-    group = parser.add_argument_group("mixed precision")
-    group.add_argument("--amp", action="store_true", help="fp16 on NPU/CUDA, bf16 on CPU")
-    group.add_argument("--amp-backend", default="native", choices=["native", "apex"])
-    group.add_argument("--opt-level", default="O1", choices=["O1", "O2"], help="apex opt level")
-    group.add_argument("--loss-scale", default="dynamic",
-                       help="'dynamic' or a fixed value such as 128 (never changed; overflowing steps are skipped)")
-
-    group = parser.add_argument_group("kernel settings (logged at start-up as '=> kernel settings: ...')")
-    group.add_argument("--npu-jit-compile", default="auto", choices=["auto", "on", "off"],
-                       help="NPU: compile operators online (on) or use CANN's prebuilt binary kernels (off: first "
-                            "steps in seconds, not minutes); auto: torch_npu's default for the chip (on for Atlas "
-                            "training/inference series, off for Atlas A2/A3)")
-    group.add_argument("--npu-internal-format", default="auto", choices=["auto", "on", "off"],
-                       help="NPU: let operators keep tensors in the NPU's private layouts (NC1HWC0, FRACTAL_Z); "
-                            "auto: torch_npu's default for the chip")
-    group.add_argument("--tf32", "--hf32", default="auto", choices=["auto", "on", "off"],
-                       help="fp32 convolutions and matmuls on TF32 tensor cores (CUDA) / in HF32 (NPU): on for "
-                            "both, off for neither; auto: the libraries' defaults, convolutions on, matmuls off")
-
-    group = parser.add_argument_group("checkpoints, evaluation and output")
-    group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
-    group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
-    group.add_argument("--pretrained", default="", metavar="PATH",
-                       help="start from these weights: a file (ours, torchvision's), or 'torchvision' / 'timm' for "
-                            "that library's published weights of -a (downloaded once into its cache), validated "
-                            "with their own resize, crop and interpolation unless those flags are given")
-    group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
-    group.add_argument("--no-checkpoint", action="store_true",
-                       help="write no checkpoints (performance runs, which must not replace a real run's)")
-    group.add_argument("--seed", default=None, type=int)
-    group.add_argument("-p", "--print-freq", default=10, type=int)
-    group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
-    group.add_argument("--output-dir", default="output", help="logs and checkpoints")
-    group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
-    group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
-    group.add_argument("--tensorboard", action="store_true",
-                       help="also write the per-epoch metrics as TensorBoard scalars in <output-dir>/tensorboard")
-    group.add_argument("--profile", action="store_true",
-                       help="record a window of the first epoch's training steps with the device's profiler "
-                            "(torch.profiler; torch_npu.profiler on NPU): a TensorBoard trace per rank in "
-                            f"<output-dir>/{profiling.TRACE_FOLDER}, rank 0's top operators in its log")
-    group.add_argument("--profile-steps", default="5,2,5", metavar="WAIT,WARMUP,ACTIVE",
-                       help="--profile's window: skip WAIT steps, warm the profiler up for WARMUP, record ACTIVE")
-    return parser
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.data is None and not args.dummy:
-        # No data set given: the short demo run, unless the user set a flag explicitly.
-        parser.set_defaults(**data.DEMO_DEFAULTS)
-        args = parser.parse_args(argv)
-    args.explicit_options = explicit_options(argv, vars(args))
-    return args
-
-
-def explicit_options(argv, dests):
-    """The dests the command line sets (a default does not count): a resumed run takes a given --lr."""
-    unset = object()
-    probe = build_parser()
-    probe.set_defaults(**dict.fromkeys(dests, unset))
-    return sorted(dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset)
-
-
-def check_args(args):
-    """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
-    for name in ("epochs", "batch_size", "print_freq", "model_ema_steps", "max_nonfinite_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "fps_warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 0")
-    if args.workers is not None and args.workers < 0:
-        raise UserError("-j/--workers must be at least 0")
-    if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
-        raise UserError("--opt-level O2 (fp16 weights with fp32 master copies) needs --amp-backend apex; "
-                        "native torch.amp is O1-style autocast")
-    if args.model_ema and args.amp and args.amp_backend == "apex" and args.opt_level == "O2":
-        raise UserError("--model-ema averages fp32 weights; apex O2 keeps fp16 ones: use --opt-level O1")
-    if not 0 <= args.random_erase <= 1 or args.mixup < 0 or args.cutmix < 0:
-        raise UserError("--random-erase must be a probability in [0, 1]; --mixup and --cutmix alphas at least 0")
-    if args.loss_scale != "dynamic":
-        try:
-            if float(args.loss_scale) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
-    if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
-        raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
-    args.profile_window = profiling.parse_steps(args.profile_steps)
-    if args.profile and args.evaluate:
-        raise UserError("--profile records training steps; -e/--evaluate trains none")
-    if "profile_steps" in args.explicit_options and not args.profile:
-        raise UserError("--profile-steps sets the window of --profile: add --profile")
-    if args.evaluate and not (args.resume or args.pretrained):
-        raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH|torchvision|timm")
-    args.named_weights = None
-    if args.pretrained in named_weights.SOURCES:
-        args.named_weights = named_weights.resolve(args.pretrained, args.arch)
-    for flag in ("resume", "pretrained"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path) and not (flag == "pretrained" and args.named_weights):
-            raise UserError(f"--{flag}: checkpoint not found: {path}")
-    args.val_preprocessing = choose_val_preprocessing(args, args.named_weights)
-
-    if args.tensorboard:
-        metrics.tensorboard_writer_class()
-    args.device_kind = device.resolve_device_kind(args.device)
-    if args.sync_bn and args.device_kind == "cpu":
-        raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
-    if args.amp and args.amp_backend == "apex":
-        args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
-    if args.compile and args.device_kind == "npu":
-        raise UserError("--compile is refused on NPU: torch_npu registers its own torch.compile backends (npu, "
-                        "npugraph_ex, npugraphs), but this project has not been tested with them on an NPU; leave "
-                        "--compile off on NPU")
-    if args.pipeline == "gpu" and args.device_kind == "npu":
-        raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
-    if (args.auto_augment or args.random_erase) and args.pipeline != "standard":
-        raise UserError("--auto-augment and --random-erase work on PIL images: add --pipeline standard")
-    if args.amp and args.amp_backend == "apex":
-        if args.device_kind == "cpu":
-            raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
-        device.import_apex_amp(args.device_kind)
-    default_ids = "0"
-    if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
-        default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
-    args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
-    device.check_distributed_args(args)
-
-    if args.dummy:
-        args.data_dir = None
-    elif args.data is None:
-        args.data_dir = data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
-    else:
-        args.data_dir = args.data
-        data.check_layout(args.data_dir, need_train=not args.evaluate)
-
+def main(argv=None):
+    """Parse and check the command line, then run main_worker in each process (device.launch)."""
+    args = parse_args(argv)
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --output-dir {args.output_dir}: {exc.strerror or exc}") from None
-    if not os.access(args.output_dir, os.W_OK):
-        raise UserError(f"--output-dir {args.output_dir} is not writable")
-    if args.named_weights is not None:
-        named_weights.fetch(args.named_weights)  # last (a download), and once rather than in every process at once
+        check_args(args)
+        device.launch(main_worker, args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
-def choose_val_preprocessing(args, weights):
-    """Set --val-crop-size, --val-resize-size and --interpolation as validation uses them: a flag given on the
-    command line wins, then the named weights' own preprocessing, then the defaults. A crop pct (--crop-pct, else
-    the weights') makes the resize floor(crop / crop pct), timm's rule, unless --val-resize-size is given.
-    Returns what was chosen and why, for the log."""
-    given = set(args.explicit_options)
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    published = weights.preprocessing if weights is not None else None
-    origin = {name: "flag" if name in given else "default"
-              for name in ("val_crop_size", "val_resize_size", "interpolation")}
-    if published is not None:
-        for name, value in (("val_crop_size", published.crop_size), ("interpolation", published.interpolation)):
-            if name not in given:
-                setattr(args, name, value)
-                origin[name] = "weights"
-    crop_pct = args.crop_pct if args.crop_pct is not None else published and published.crop_pct
-    if crop_pct:
-        resize = named_weights.resize_for(args.val_crop_size, crop_pct)
-        if "val_resize_size" not in given:
-            args.val_resize_size = resize
-            origin["val_resize_size"] = (f"crop / {float(crop_pct):.4g}, "
-                                         + ("--crop-pct" if args.crop_pct is not None else "weights"))
-        elif args.crop_pct is not None and resize != args.val_resize_size:
-            raise UserError(f"--crop-pct {args.crop_pct} with --val-crop-size {args.val_crop_size} means "
-                            f"--val-resize-size {resize}, but --val-resize-size is {args.val_resize_size}; "
-                            "give one of them")
-    chosen = (f"validation: resize {args.val_resize_size} ({origin['val_resize_size']}), centre crop "
-              f"{args.val_crop_size} ({origin['val_crop_size']}), {args.interpolation} ({origin['interpolation']})")
-    return chosen + (f"; weights: {weights.description}" if weights is not None else "")
+def main_worker(local_rank, args):
+    """One process: train, turning a bad input or a failed collective into a one-line error."""
+    try:
+        with engine.StopRequest() as stop:
+            train(local_rank, args, stop)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as exc:
+        message = device.collective_failure(exc, args.dist_timeout)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.
+        data.close_loaders()
+        device.cleanup()
+
+
+def train(local_rank, args, stop):
+    """One process's run: set up, build, resume, then train and validate epoch by epoch, and report."""
+    run_start = time.perf_counter()
+    runtime, log = set_up_process(args, local_rank)
+    train_set, val_set = build_datasets(args)
+    log_run_shape(train_set, val_set, runtime, args, log)
+    run = build_run(args, runtime, log, stop, val_set.classes, run_start)
+    run.prepare_output_dir()
+    train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
+    run.schedule(train_loader)
+    start_epoch, start_step, resumed_rng = start_point(run)
+    run.summary = new_summary(args, runtime)
+    if args.evaluate:
+        evaluate_only(run, val_loader)
+        return
+    train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, start_step, resumed_rng)
+    run.finish()
+
+
+def set_up_process(args, local_rank):
+    """This process's device, process group, logging, threads and seed: (runtime, log)."""
+    runtime = device.setup_runtime(args, local_rank)
+    log = setup_logging(args.output_dir, args.log_file, runtime.rank)
+    if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
+        # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
+        torch.set_num_threads(cpus_per_process(runtime))
+    if args.seed is not None:
+        seed_everything(args.seed)
+    if args.batch_size % runtime.world_size:
+        raise UserError(f"-b/--batch-size {args.batch_size} is the global batch and must divide evenly "
+                        f"across {runtime.world_size} processes")
+    return runtime, log
+
+
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups, a scheduler's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_process(runtime):
+    """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
+    --cpus-per-task when given, which is already one task's share."""
+    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
+    return max(1, usable_cpus() // runtime.local_world_size)
 
 
 def build_datasets(args):
@@ -331,6 +140,58 @@ def evaluated_classes(args):
     state = checkpoint.load_file(args.resume or args.pretrained)
     classes = state.get("classes") if isinstance(state, dict) else None
     return classes if isinstance(classes, (list, tuple)) else None
+
+
+def log_run_shape(train_set, val_set, runtime, args, log):
+    """The run's first lines: what trains on what, and how validation preprocesses."""
+    train_images = f"{len(train_set)} train / " if train_set is not None else ""
+    log.info(f"=> {args.arch}, {len(val_set.classes)} classes, {train_images}{len(val_set)} val images, "
+             f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
+    log.info(f"=> {args.val_preprocessing}")
+
+
+def build_run(args, runtime, log, stop, classes, run_start):
+    """The model (with its starting weights), loss, optimizer, precision, EMA and the wrappers the loops call.
+    ``classes`` label both sets (with -e there is no train set)."""
+    num_classes = len(classes)
+    model = build_model(args, runtime, num_classes, log)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(runtime.device)
+    params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
+    optimizer = device.build_optimizer(runtime.kind, params, args)
+    model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
+    log.info(f"=> precision: {precision.name}, memory format: {str(runtime.memory_format).replace('torch.', '')}")
+    log.info(f"=> kernel settings: {runtime.kernel_settings}")
+    model_without_ddp = model
+    ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
+    if runtime.distributed:
+        model = runtime.data_parallel(model)
+    if args.compile:
+        # Only the loops call the compiled wrapper; checkpoints keep model_without_ddp's plain keys.
+        model = torch.compile(model, backend=args.compile)
+    # Class folder names travel in the checkpoint, so classify.py can name its predictions.
+    class_names = list(classes) if args.data_dir is not None else None
+    return Run(args=args, runtime=runtime, log=log, stop=stop, started=run_start, model=model,
+               model_without_ddp=model_without_ddp, ema=ema, criterion=criterion, optimizer=optimizer,
+               precision=precision, mix=data.batch_mix(num_classes, args.mixup, args.cutmix),
+               num_classes=num_classes, class_names=class_names,
+               throughput=engine.ThroughputMeter(args.fps_warmup_steps))
+
+
+def build_model(args, runtime, num_classes, log):
+    """The network with its --named-weights or --pretrained weights, on the device in its memory format."""
+    model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
+    mnasnet.set_bn_momentum(model, args.bn_momentum)
+    if args.named_weights is not None:
+        state = named_weights.fetch(args.named_weights, progress=False)
+        checkpoint.load_model_weights(model, state, args.arch, args.named_weights.description)
+        log.info(f"=> loaded {args.named_weights.description} weights")
+    elif args.pretrained:
+        checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
+        log.info(f"=> loaded weights from {args.pretrained}")
+    if args.sync_bn and runtime.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(runtime.device, memory_format=runtime.memory_format)
+    return model
 
 
 def build_loaders(train_set, val_set, runtime, args, log):
@@ -368,19 +229,6 @@ def build_loaders(train_set, val_set, runtime, args, log):
             val_loader, train_sampler)
 
 
-def usable_cpus():
-    """The CPUs this process may run on (its affinity mask: taskset, cgroups, a scheduler's binding)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpus_per_process(runtime):
-    """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
-    --cpus-per-task when given, which is already one task's share."""
-    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
-    return max(1, usable_cpus() // runtime.local_world_size)
-
-
 def loader_workers(args, runtime):
     return args.workers if args.workers is not None else default_workers(runtime)
 
@@ -391,261 +239,16 @@ def default_workers(runtime):
     return max(1, min(16, cpus_per_process(runtime) - 1))
 
 
-def main_worker(local_rank, args):
-    try:
-        with engine.StopRequest() as stop:
-            train(local_rank, args, stop)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as exc:
-        message = device.collective_failure(exc, args.dist_timeout)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.
-        data.close_loaders()
-        device.cleanup()
-
-
-def train(local_rank, args, stop):
-    run_start = time.perf_counter()
-    runtime = device.setup_runtime(args, local_rank)
-    log = setup_logging(args.output_dir, args.log_file, runtime.rank)
-    if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
-        # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
-        torch.set_num_threads(cpus_per_process(runtime))
-    if args.seed is not None:
-        seed_everything(args.seed)
-    if args.batch_size % runtime.world_size:
-        raise UserError(f"-b/--batch-size {args.batch_size} is the global batch and must divide evenly "
-                        f"across {runtime.world_size} processes")
-
-    train_set, val_set = build_datasets(args)
-    # Both sets are labelled by the same class list (with -e there is no train set).
-    classes = val_set.classes
-    num_classes = len(classes)
-    train_images = f"{len(train_set)} train / " if train_set is not None else ""
-    log.info(f"=> {args.arch}, {num_classes} classes, {train_images}{len(val_set)} val images, "
-             f"{runtime.world_size} x {runtime.kind}, global batch {args.batch_size}")
-    log.info(f"=> {args.val_preprocessing}")
-
-    # Class folder names travel in the checkpoint, so classify.py can name its predictions.
-    class_names = list(classes) if args.data_dir is not None else None
-    model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
-    mnasnet.set_bn_momentum(model, args.bn_momentum)
-    if args.named_weights is not None:
-        state = named_weights.fetch(args.named_weights, progress=False)
-        checkpoint.load_model_weights(model, state, args.arch, args.named_weights.description)
-        log.info(f"=> loaded {args.named_weights.description} weights")
-    elif args.pretrained:
-        checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
-        log.info(f"=> loaded weights from {args.pretrained}")
-    if args.sync_bn and runtime.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(runtime.device, memory_format=runtime.memory_format)
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(runtime.device)
-    params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
-    optimizer = device.build_optimizer(runtime.kind, params, args)
-    model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
-    log.info(f"=> precision: {precision.name}, memory format: {str(runtime.memory_format).replace('torch.', '')}")
-    log.info(f"=> kernel settings: {runtime.kernel_settings}")
-    model_without_ddp = model
-    ema = recipe.model_ema(model, args.model_ema_decay, args.model_ema_steps) if args.model_ema else None
-    if runtime.distributed:
-        model = runtime.data_parallel(model)
-    if args.compile:
-        # Only the loops call the compiled wrapper; checkpoints keep model_without_ddp's plain keys.
-        model = torch.compile(model, backend=args.compile)
-
-    if runtime.is_main and not (args.no_checkpoint or args.evaluate):
-        for path in checkpoint.remove_interrupted_writes(args.output_dir):
-            log.info(f"=> removed {path}, left by a checkpoint write that was killed")
-        checkpoint.check_free_space(args.output_dir, model_without_ddp)
-
-    train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
-    # -e has no training loader: its schedule is built, never stepped.
-    steps_per_epoch = len(train_loader) if train_loader is not None else 1
-    steps_per_epoch = min(steps_per_epoch, args.max_steps) if args.max_steps else steps_per_epoch
-    start_epoch, start_step, best_acc1, resumed_rng = args.start_epoch or 0, 0, 0.0, None
-    # A fresh run from --start-epoch N takes the learning rate an uninterrupted run has at epoch N.
-    scheduler = recipe.lr_schedule(optimizer, steps_per_epoch, args.warmup, args.epochs, args.lr_scheduler,
-                                   args.lr_decay_epochs, args.lr_decay_rate, first_step=start_epoch * steps_per_epoch)
-    mix = data.batch_mix(num_classes, args.mixup, args.cutmix)
-
+def start_point(run):
+    """Where training starts, --resume's checkpoint or --start-epoch: (epoch, step, RNG state to restore
+    mid-epoch or None); a resumed run also takes the checkpoint's best Acc@1."""
+    args = run.args
+    start_epoch, start_step, resumed_rng = args.start_epoch or 0, 0, None
     if args.resume:
-        start_epoch, start_step, best_acc1, resumed_rng = resume(args, model_without_ddp, optimizer, scheduler,
-                                                                 precision, ema, runtime, log)
-    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, steps_per_epoch)
-
-    summary = new_summary(args, runtime)
-    if args.evaluate:
-        # Compiled for -e only: a frozen compile is made for one set of weights, and torch 2.14 keeps each one's
-        # weights (about 50 MB for mnasnet1_0) after it is gone, so compiling every epoch's validation would leak.
-        scored = engine.inference_model(model_without_ddp, args.fuse_bn, args.compile)
-        result = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
-        if result is None:
-            log.info(f"=> stopped by {stop.name} during validation")
-            raise SystemExit(128 + stop.signum)
-        summary.update(val_loss=result["loss"], val_acc1=result["acc1"], val_acc5=result["acc5"],
-                       val_images=result["count"], val_skipped_images=result["skipped_images"],
-                       best_acc1=result["acc1"])
-        write_summary(summary, None, run_start, runtime, args, log)
-        return
-
-    def save(epoch, step, is_best, best_is_ema=False):
-        """Every rank calls this (their RNG states are gathered); rank 0 writes. The path, or None."""
-        rng = runtime.all_gather_object(checkpoint.rng_state(runtime.kind))
-        if not runtime.is_main or args.no_checkpoint:
-            return None
-        state = {"epoch": epoch, "step": step, "arch": args.arch, "state_dict": model_without_ddp.state_dict(),
-                 "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "rng": rng,
-                 "num_classes": num_classes, "classes": class_names, "args": checkpoint.plain_args(args)}
-        best = None
-        if ema is not None:
-            state["model_ema"] = ema.state_dict()
-            if best_is_ema:
-                best = {**state, "state_dict": ema.module.state_dict(), "weights": "ema"}
-        path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
-        log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
-        return path
-
-    def stop_run(reason, epoch, step, is_best=False, best_is_ema=False):
-        """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
-        path = save(epoch, step, is_best, best_is_ema)
-        summary.update(stopped=reason, best_acc1=best_acc1)
-        write_summary(summary, throughput, run_start, runtime, args, log)
-        where = f"epoch {epoch}, step {step}/{steps_per_epoch}"
-        saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
-        if reason == "non-finite":
-            in_a_row = args.max_nonfinite_steps if precision.has_scaler else 1
-            raise UserError(f"the gradients were not finite at {where} ({in_a_row} step(s) in a row); the weights "
-                            f"of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
-                            f"schedule to the new value) or check the data")
-        log.info(f"=> stopped by {reason} at {where}; {saved}")
-        raise SystemExit(128 + stop.signum)
-
-    throughput = engine.ThroughputMeter(args.fps_warmup_steps)
-    breakdown = engine.StepBreakdown()
-    slow_loader_said = False
-    profiler = start_profiler(args, runtime, steps_per_epoch - start_step) if args.profile else None
-    metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
-    for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        train_sampler.set_epoch(epoch, first_step * (args.batch_size // runtime.world_size))
-        if args.seed is not None:
-            seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
-        if first_step and resumed_rng is not None:
-            # Mid-epoch: the random streams (dropout) go on from where the interrupted run left them.
-            checkpoint.restore_rng_state(resumed_rng, runtime.kind)
-        epoch_start, epoch_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        train_stats = engine.train_one_epoch(model, criterion, optimizer, scheduler, precision, train_loader,
-                                             runtime, epoch, args, log, throughput, stop, first_step, ema, mix,
-                                             profiler)
-        train_seconds = time.perf_counter() - epoch_start
-        if profiler is not None:
-            profiler.finish(log, runtime.is_main)  # the window is in the first epoch: validation stays out
-            profiler = None
-        epoch_breakdown = train_stats["breakdown"]
-        breakdown.merge(epoch_breakdown)
-        log.info(breakdown_line(epoch, epoch_breakdown))
-        slow_loader = epoch_breakdown.slow_loader_message(loader_workers(args, runtime), args.pipeline)
-        if slow_loader and not slow_loader_said:
-            log.warning(slow_loader)
-            slow_loader_said = True
-        summary.update(breakdown_summary(breakdown))
-        summary.update(epochs=summary["epochs"] + 1,
-                       train_steps=summary["train_steps"] + train_stats["steps_done"] - first_step,
-                       train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
-                       train_skipped_images=train_stats["skipped_images"],
-                       skipped_steps=summary["skipped_steps"] + train_stats["skipped_steps"])
-        if train_stats["skipped_images"] or train_stats["skipped_steps"]:
-            log.info(f"=> epoch {epoch}: {train_stats['skipped_images']} unreadable images replaced, "
-                     f"{train_stats['skipped_steps']} steps skipped (non-finite gradients)")
-        if train_stats["stopped"]:
-            stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
-        # Every rank takes rank 0's BatchNorm statistics, validation or not: all ranks then score, and end with,
-        # the weights that rank 0 saves.
-        runtime.broadcast_buffers(model_without_ddp)
-        if ema is not None:
-            runtime.broadcast_buffers(ema)
-        val_stats, ema_stats = {}, {}
-        if not args.no_val:
-            scored = validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop)
-            if scored is None:
-                stop_run(stop.name, epoch, train_stats["steps_done"])
-            val_stats, ema_stats = scored
-            summary.update(val_loss=val_stats["loss"], val_acc1=val_stats["acc1"], val_acc5=val_stats["acc5"],
-                           val_images=val_stats["count"], val_skipped_images=val_stats["skipped_images"])
-            if ema_stats:
-                summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
-                               ema_val_acc5=ema_stats["acc5"])
-        acc1 = val_stats.get("acc1")
-        summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"], "train_acc1": train_stats["acc1"],
-                                   "val_acc1": acc1, "train_skipped_images": train_stats["skipped_images"],
-                                   "skipped_steps": train_stats["skipped_steps"], **epoch_breakdown.means_ms()})
-        if metrics_log is not None:
-            # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
-            metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
-                              val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
-                              lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
-                              epoch_seconds=time.perf_counter() - epoch_start, ema_val_loss=ema_stats.get("loss"),
-                              ema_val_acc1=ema_stats.get("acc1"), ema_val_acc5=ema_stats.get("acc5"),
-                              **epoch_breakdown.means_ms())
-        # The best checkpoint holds whichever of the weights and their EMA scored higher.
-        ema_better = bool(ema_stats) and ema_stats["acc1"] > acc1
-        score = ema_stats["acc1"] if ema_better else acc1
-        is_best = score is not None and score > best_acc1
-        best_acc1 = max(best_acc1, score) if score is not None else best_acc1
-        if stop.requested(runtime):
-            stop_run(stop.name, epoch + 1, 0, is_best, ema_better)
-        save(epoch + 1, 0, is_best, ema_better)
-        runtime.barrier()
-    if metrics_log is not None:
-        metrics_log.close()
-        metrics.plot_curves(metrics_log.path, metrics.default_png(metrics_log.path))
-    # Every rank logs it (ranks > 0 in rank<k>.log): equal digests prove all nodes ended with the same weights.
-    summary["weights_sha256"] = state_digest(model_without_ddp.state_dict())
-    log.info(f"=> rank {runtime.rank} weights sha256 {summary['weights_sha256']}")
-    summary["best_acc1"] = best_acc1
-    write_summary(summary, throughput, run_start, runtime, args, log)
-
-
-def start_profiler(args, runtime, first_epoch_steps):
-    """--profile's profiler, recording from the next training step; its window must fit in the first epoch."""
-    wait, warmup, active = args.profile_window
-    if wait + warmup + active > first_epoch_steps:
-        raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
-                        f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
-    return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
-
-
-def breakdown_line(epoch, breakdown):
-    means = breakdown.means_ms()
-    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
-            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
-            f"(data wait {100 * breakdown.data_share:.0f}%)")
-
-
-def breakdown_summary(breakdown):
-    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
-    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
-
-
-def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
-    """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
-    run was asked to stop."""
-    scored = engine.inference_model(model_without_ddp, args.fuse_bn)
-    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
-    if val_stats is None or ema is None:
-        return None if val_stats is None else (val_stats, {})
-    scored = engine.inference_model(ema, args.fuse_bn)
-    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
-    return None if ema_stats is None else (val_stats, ema_stats)
+        start_epoch, start_step, run.best_acc1, resumed_rng = resume(
+            args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema, run.runtime, run.log)
+    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, run.steps_per_epoch)
+    return start_epoch, start_step, resumed_rng
 
 
 def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
@@ -711,18 +314,271 @@ def new_summary(args, runtime):
             **breakdown_summary(engine.StepBreakdown())}
 
 
-def write_summary(summary, throughput, run_start, runtime, args, log):
-    if throughput is not None:
-        summary.update(measured_steps=throughput.steps, measured_images=throughput.images,
-                       measured_seconds=throughput.seconds, fps=throughput.fps, step_time_ms=throughput.step_time_ms)
-        log.info(f"=> mean FPS {throughput.fps:.2f} over {throughput.steps} measured steps "
-                 f"({throughput.step_time_ms:.1f} ms/step)")
-    summary["e2e_seconds"] = time.perf_counter() - run_start
-    peak = runtime.max_memory_allocated()
-    summary["peak_device_memory_mb"] = peak / 2 ** 20 if peak is not None else None
-    if args.summary_json and runtime.is_main:
-        with open(args.summary_json, "w") as handle:
-            json.dump(_finite(summary), handle, indent=2)
+def evaluate_only(run, val_loader):
+    """-e: score the weights once, write the summary."""
+    args, stop = run.args, run.stop
+    # Compiled for -e only: a frozen compile is made for one set of weights, and torch 2.14 keeps each one's
+    # weights (about 50 MB for mnasnet1_0) after it is gone, so compiling every epoch's validation would leak.
+    scored = engine.inference_model(run.model_without_ddp, args.fuse_bn, args.compile)
+    result = engine.evaluate(scored, run.criterion, run.precision, val_loader, run.runtime, args, run.log, stop)
+    if result is None:
+        run.log.info(f"=> stopped by {stop.name} during validation")
+        raise SystemExit(128 + stop.signum)
+    run.summary.update(val_summary(result), best_acc1=result["acc1"])
+    run.write_summary(measured=False)
+
+
+def train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, start_step, resumed_rng):
+    """The epoch loop: train, validate, record, checkpoint. Returns after the last epoch; a stop exits."""
+    args, runtime = run.args, run.runtime
+    profiler = start_profiler(args, runtime, run.steps_per_epoch - start_step) if args.profile else None
+    run.metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
+    for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
+        start_epoch_streams(run, train_sampler, epoch, first_step, resumed_rng)
+        epoch_start, epoch_lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+        train_stats = engine.train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.precision,
+                                             train_loader, runtime, epoch, args, run.log, run.throughput, run.stop,
+                                             first_step, run.ema, run.mix, profiler)
+        train_seconds = time.perf_counter() - epoch_start
+        if profiler is not None:
+            profiler.finish(run.log, runtime.is_main)  # the window is in the first epoch: validation stays out
+            profiler = None
+        run.record_training(epoch, first_step, train_stats)
+        if train_stats["stopped"]:
+            run.stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
+        val_stats, ema_stats = validate_epoch(run, val_loader, epoch, train_stats["steps_done"])
+        run.record_epoch(epoch, train_stats, val_stats, ema_stats, epoch_lr, epoch_start, train_seconds)
+        is_best, best_is_ema = run.update_best(val_stats.get("acc1"), ema_stats)
+        if run.stop.requested(runtime):
+            run.stop_run(run.stop.name, epoch + 1, 0, is_best, best_is_ema)
+        run.save(epoch + 1, 0, is_best, best_is_ema)
+        runtime.barrier()
+
+
+def start_profiler(args, runtime, first_epoch_steps):
+    """--profile's profiler, recording from the next training step; its window must fit in the first epoch."""
+    wait, warmup, active = args.profile_window
+    if wait + warmup + active > first_epoch_steps:
+        raise UserError(f"--profile-steps {args.profile_steps} needs {wait + warmup + active} training steps, but "
+                        f"the first epoch has {first_epoch_steps}: lower WAIT, WARMUP or ACTIVE")
+    return profiling.WindowProfiler(runtime.kind, args.output_dir, runtime.rank, wait, warmup, active)
+
+
+def start_epoch_streams(run, train_sampler, epoch, first_step, resumed_rng):
+    """Position the sampler and the random streams for ``epoch``, from ``first_step``."""
+    args, runtime = run.args, run.runtime
+    train_sampler.set_epoch(epoch, first_step * (args.batch_size // runtime.world_size))
+    if args.seed is not None:
+        seed_everything(epoch_seed(args.seed, epoch, runtime.rank))
+    if first_step and resumed_rng is not None:
+        # Mid-epoch: the random streams (dropout) go on from where the interrupted run left them.
+        checkpoint.restore_rng_state(resumed_rng, runtime.kind)
+
+
+def validate_epoch(run, val_loader, epoch, steps_done):
+    """Every rank takes rank 0's BatchNorm statistics, validation or not: all ranks then score, and end with, the
+    weights that rank 0 saves. Then, unless --no-val, score them: (weights' stats, EMA's stats), {} where none."""
+    run.runtime.broadcast_buffers(run.model_without_ddp)
+    if run.ema is not None:
+        run.runtime.broadcast_buffers(run.ema)
+    if run.args.no_val:
+        return {}, {}
+    scored = validate(run.model_without_ddp, run.ema, run.criterion, run.precision, val_loader, run.runtime,
+                      run.args, run.log, run.stop)
+    if scored is None:
+        run.stop_run(run.stop.name, epoch, steps_done)
+    val_stats, ema_stats = scored
+    run.summary.update(val_summary(val_stats))
+    if ema_stats:
+        run.summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
+                           ema_val_acc5=ema_stats["acc5"])
+    return val_stats, ema_stats
+
+
+def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, args, log, stop):
+    """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
+    run was asked to stop."""
+    scored = engine.inference_model(model_without_ddp, args.fuse_bn)
+    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
+    if val_stats is None or ema is None:
+        return None if val_stats is None else (val_stats, {})
+    scored = engine.inference_model(ema, args.fuse_bn)
+    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
+    return None if ema_stats is None else (val_stats, ema_stats)
+
+
+def val_summary(stats):
+    """The summary's validation fields from evaluate()'s result."""
+    return {"val_loss": stats["loss"], "val_acc1": stats["acc1"], "val_acc5": stats["acc5"],
+            "val_images": stats["count"], "val_skipped_images": stats["skipped_images"]}
+
+
+def breakdown_line(epoch, breakdown):
+    means = breakdown.means_ms()
+    return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
+            f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
+            f"(data wait {100 * breakdown.data_share:.0f}%)")
+
+
+def breakdown_summary(breakdown):
+    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
+    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
+
+
+@dataclasses.dataclass
+class Run:
+    """What one process's run holds, from its build to its report. ``model`` is what the loops call (the DDP
+    and/or compiled wrapper); checkpoints hold ``model_without_ddp``. ``scheduler`` and ``steps_per_epoch`` come
+    with the training loader (``schedule``), ``summary`` once the start point is known."""
+    args: argparse.Namespace
+    runtime: device.Runtime
+    log: logging.Logger
+    stop: engine.StopRequest
+    started: float  # time.perf_counter() at the run's start
+    model: nn.Module
+    model_without_ddp: nn.Module
+    ema: object  # torch.optim.swa_utils.AveragedModel with --model-ema, else None
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: device.Precision
+    mix: object  # data.batch_mix: MixUp/CutMix, or None
+    num_classes: int
+    class_names: list  # the class folders' names; None for the built-in data sets
+    throughput: engine.ThroughputMeter
+    scheduler: object = None
+    steps_per_epoch: int = 1
+    summary: dict = None
+    best_acc1: float = 0.0
+    metrics_log: metrics.MetricsLog = None
+    breakdown: engine.StepBreakdown = dataclasses.field(default_factory=engine.StepBreakdown)
+    slow_loader_said: bool = False
+
+    def prepare_output_dir(self):
+        """Rank 0 of a run that checkpoints: clear killed writes' leftovers, check there is room for checkpoints."""
+        if self.runtime.is_main and not (self.args.no_checkpoint or self.args.evaluate):
+            for path in checkpoint.remove_interrupted_writes(self.args.output_dir):
+                self.log.info(f"=> removed {path}, left by a checkpoint write that was killed")
+            checkpoint.check_free_space(self.args.output_dir, self.model_without_ddp)
+
+    def schedule(self, train_loader):
+        """The learning rate schedule, stepped once per training step (-e has no training loader: its schedule is
+        built, never stepped). A fresh run from --start-epoch N takes the learning rate an uninterrupted run has
+        at epoch N."""
+        args = self.args
+        steps_per_epoch = len(train_loader) if train_loader is not None else 1
+        self.steps_per_epoch = min(steps_per_epoch, args.max_steps) if args.max_steps else steps_per_epoch
+        self.scheduler = recipe.lr_schedule(self.optimizer, self.steps_per_epoch, args.warmup, args.epochs,
+                                            args.lr_scheduler, args.lr_decay_epochs, args.lr_decay_rate,
+                                            first_step=(args.start_epoch or 0) * self.steps_per_epoch)
+
+    def save(self, epoch, step, is_best, best_is_ema=False):
+        """Every rank calls this (their RNG states are gathered); rank 0 writes. The path, or None."""
+        args = self.args
+        rng = self.runtime.all_gather_object(checkpoint.rng_state(self.runtime.kind))
+        if not self.runtime.is_main or args.no_checkpoint:
+            return None
+        state = {"epoch": epoch, "step": step, "arch": args.arch, "state_dict": self.model_without_ddp.state_dict(),
+                 "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(), "rng": rng,
+                 "num_classes": self.num_classes, "classes": self.class_names, "args": checkpoint.plain_args(args)}
+        best = None
+        if self.ema is not None:
+            state["model_ema"] = self.ema.state_dict()
+            if best_is_ema:
+                best = {**state, "state_dict": self.ema.module.state_dict(), "weights": "ema"}
+        path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
+        self.log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
+        return path
+
+    def stop_run(self, reason, epoch, step, is_best=False, best_is_ema=False):
+        """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
+        path = self.save(epoch, step, is_best, best_is_ema)
+        self.summary.update(stopped=reason, best_acc1=self.best_acc1)
+        self.write_summary()
+        where = f"epoch {epoch}, step {step}/{self.steps_per_epoch}"
+        saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
+        if reason == "non-finite":
+            in_a_row = self.args.max_nonfinite_steps if self.precision.has_scaler else 1
+            raise UserError(f"the gradients were not finite at {where} ({in_a_row} step(s) in a row); the weights "
+                            f"of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
+                            f"schedule to the new value) or check the data")
+        self.log.info(f"=> stopped by {reason} at {where}; {saved}")
+        raise SystemExit(128 + self.stop.signum)
+
+    def record_training(self, epoch, first_step, stats):
+        """Log the epoch's step breakdown (and, once, a slow loader) and add its training figures to the summary."""
+        args, log, summary = self.args, self.log, self.summary
+        epoch_breakdown = stats["breakdown"]
+        self.breakdown.merge(epoch_breakdown)
+        log.info(breakdown_line(epoch, epoch_breakdown))
+        slow_loader = epoch_breakdown.slow_loader_message(loader_workers(args, self.runtime), args.pipeline)
+        if slow_loader and not self.slow_loader_said:
+            log.warning(slow_loader)
+            self.slow_loader_said = True
+        summary.update(breakdown_summary(self.breakdown))
+        summary.update(epochs=summary["epochs"] + 1,
+                       train_steps=summary["train_steps"] + stats["steps_done"] - first_step,
+                       train_loss=stats["loss"], train_acc1=stats["acc1"],
+                       train_skipped_images=stats["skipped_images"],
+                       skipped_steps=summary["skipped_steps"] + stats["skipped_steps"])
+        if stats["skipped_images"] or stats["skipped_steps"]:
+            log.info(f"=> epoch {epoch}: {stats['skipped_images']} unreadable images replaced, "
+                     f"{stats['skipped_steps']} steps skipped (non-finite gradients)")
+
+    def record_epoch(self, epoch, train_stats, val_stats, ema_stats, epoch_lr, epoch_start, train_seconds):
+        """The epoch's row in the summary's history and, on rank 0, in the metrics log."""
+        means_ms = train_stats["breakdown"].means_ms()
+        acc1 = val_stats.get("acc1")
+        self.summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"],
+                                        "train_acc1": train_stats["acc1"], "val_acc1": acc1,
+                                        "train_skipped_images": train_stats["skipped_images"],
+                                        "skipped_steps": train_stats["skipped_steps"], **means_ms})
+        if self.metrics_log is not None:
+            # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
+            self.metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
+                                   val_loss=val_stats.get("loss"), val_acc1=acc1, val_acc5=val_stats.get("acc5"),
+                                   lr=epoch_lr, images_per_s=train_stats["count"] / train_seconds,
+                                   epoch_seconds=time.perf_counter() - epoch_start,
+                                   ema_val_loss=ema_stats.get("loss"), ema_val_acc1=ema_stats.get("acc1"),
+                                   ema_val_acc5=ema_stats.get("acc5"), **means_ms)
+
+    def update_best(self, acc1, ema_stats):
+        """Take the epoch's Acc@1 (None without validation) into the best: (is it the best, are the best weights
+        the EMA's). The best checkpoint holds whichever of the weights and their EMA scored higher."""
+        ema_better = bool(ema_stats) and ema_stats["acc1"] > acc1
+        score = ema_stats["acc1"] if ema_better else acc1
+        is_best = score is not None and score > self.best_acc1
+        self.best_acc1 = max(self.best_acc1, score) if score is not None else self.best_acc1
+        return is_best, ema_better
+
+    def finish(self):
+        """After the last epoch: close the metrics log and plot it, log the weights' digest, write the summary."""
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+            metrics.plot_curves(self.metrics_log.path, metrics.default_png(self.metrics_log.path))
+        # Every rank logs it (ranks > 0 in rank<k>.log): equal digests prove all nodes ended with the same weights.
+        self.summary["weights_sha256"] = state_digest(self.model_without_ddp.state_dict())
+        self.log.info(f"=> rank {self.runtime.rank} weights sha256 {self.summary['weights_sha256']}")
+        self.summary["best_acc1"] = self.best_acc1
+        self.write_summary()
+
+    def write_summary(self, measured=True):
+        """Complete the summary (with the throughput meter's figures when ``measured``: -e measures none) and write
+        --summary-json."""
+        summary, throughput = self.summary, self.throughput
+        if measured:
+            summary.update(measured_steps=throughput.steps, measured_images=throughput.images,
+                           measured_seconds=throughput.seconds, fps=throughput.fps,
+                           step_time_ms=throughput.step_time_ms)
+            self.log.info(f"=> mean FPS {throughput.fps:.2f} over {throughput.steps} measured steps "
+                          f"({throughput.step_time_ms:.1f} ms/step)")
+        summary["e2e_seconds"] = time.perf_counter() - self.started
+        peak = self.runtime.max_memory_allocated()
+        summary["peak_device_memory_mb"] = peak / 2 ** 20 if peak is not None else None
+        if self.args.summary_json and self.runtime.is_main:
+            with open(self.args.summary_json, "w") as handle:
+                json.dump(_finite(summary), handle, indent=2)
 
 
 def _finite(value):
@@ -734,16 +590,6 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(item) for item in value]
     return value
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        device.launch(main_worker, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

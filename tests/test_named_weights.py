@@ -16,6 +16,7 @@ import classify
 import data
 import main
 import named_weights
+import options
 import pipeline
 from conftest import ROOT, tiny_flags
 from utils import UserError
@@ -195,7 +196,7 @@ def test_timm_not_installed(monkeypatch, capsys, tmp_path, image_folder):
 
 def chosen(*argv, weights=None):
     args = main.parse_args(["x", *argv])
-    description = main.choose_val_preprocessing(args, weights)
+    description = options.choose_val_preprocessing(args, weights)
     return (args.val_resize_size, args.val_crop_size, args.interpolation), description
 
 
