@@ -29,6 +29,16 @@ def image_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spinning made model tests ~15x slower;
+    for modules that a previous test may have left with more threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_flags(output_dir, *extra):
     """The smallest sensible run: mnasnet0_5 at 48 px (a 2x2 final feature map), CPU, no workers.
 

@@ -21,13 +21,7 @@ ARCH_NAMES = list(PARAM_COUNTS)
 NON_UNIT_ARCHS = ["mnasnet0_5", "mnasnet0_75", "mnasnet1_3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP spinning made this file ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ours(arch, **kwargs):
