@@ -245,23 +245,27 @@ def start_point(run):
     args = run.args
     start_epoch, start_step, resumed_rng = args.start_epoch or 0, 0, None
     if args.resume:
-        start_epoch, start_step, run.best_acc1, resumed_rng = resume(
+        start_epoch, start_step, run.best_acc1, resumed_rng, run.trained_epoch = resume(
             args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema, run.runtime, run.log)
-    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, run.steps_per_epoch)
+    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, run.steps_per_epoch, run.trained_epoch)
+    if args.resume and not args.evaluate and start_epoch >= args.epochs:
+        raise UserError(f"--resume {args.resume} has finished its {start_epoch} epochs, all of --epochs "
+                        f"{args.epochs}: give a larger --epochs to train on, or -e to evaluate it")
     return start_epoch, start_step, resumed_rng
 
 
 def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
     stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns (epoch, step,
-    best Acc@1, RNG state to restore mid-epoch)."""
+    best Acc@1, RNG state to restore mid-epoch, the training figures of an epoch trained to its end but not yet
+    validated or None)."""
     state = checkpoint.load_file(args.resume)
     missing = [] if args.evaluate else checkpoint.missing_run_state(state)
     if missing:
         raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
                         f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
     checkpoint.load_model_weights(model, state, args.arch, args.resume)
-    where = (0, 0, 0.0, None)
+    where = (0, 0, 0.0, None, None)
     if not args.evaluate:
         kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
                    for group in optimizer.param_groups]
@@ -272,7 +276,8 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
         precision.load_state_dict(state.get("precision", {}))
         if ema is not None and "model_ema" in state:
             ema.load_state_dict(state["model_ema"])
-        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log))
+        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log),
+                 state.get("trained_epoch"))
         if args.start_epoch is not None and args.start_epoch != state["epoch"]:
             log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
                         f"checkpoint's epoch {state['epoch']}")
@@ -287,10 +292,11 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     return where
 
 
-def first_unfinished_step(epoch, step, steps_per_epoch):
-    """Where training goes on from a resumed (epoch, step): a run stopped after the last step of an epoch goes on
-    with the next one, rather than an empty epoch without training figures."""
-    return (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
+def first_unfinished_step(epoch, step, steps_per_epoch, trained_epoch):
+    """Where training goes on from a resumed (epoch, step). A run stopped after the last step of an epoch (or
+    during its validation) saved that epoch's training figures: it resumes with that epoch's validation and record
+    (train_epochs). A checkpoint without them goes on with the next epoch, rather than an empty one."""
+    return (epoch + 1, 0) if step >= steps_per_epoch and trained_epoch is None else (epoch, step)
 
 
 def resumed_rng_state(state, runtime, log):
@@ -337,17 +343,22 @@ def train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, star
         first_step = start_step if epoch == start_epoch else 0
         start_epoch_streams(run, train_sampler, epoch, first_step, resumed_rng)
         epoch_start, epoch_lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
-        train_stats = engine.train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.precision,
-                                             train_loader, runtime, epoch, args, run.log, run.throughput, run.stop,
-                                             first_step, run.ema, run.mix, profiler)
-        train_seconds = time.perf_counter() - epoch_start
-        if profiler is not None:
-            profiler.finish(run.log, runtime.is_main)  # the window is in the first epoch: validation stays out
-            profiler = None
-        run.record_training(epoch, first_step, train_stats)
-        if train_stats["stopped"]:
-            run.stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
-        val_stats, ema_stats = validate_epoch(run, val_loader, epoch, train_stats["steps_done"])
+        if first_step >= run.steps_per_epoch:
+            # The interrupted run trained this epoch to its end: it is validated and recorded with the saved figures.
+            train_stats = {**run.trained_epoch, "breakdown": engine.StepBreakdown()}
+            epoch_lr, train_seconds = run.trained_epoch["lr"], run.trained_epoch["seconds"]
+        else:
+            train_stats = engine.train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler,
+                                                 run.precision, train_loader, runtime, epoch, args, run.log,
+                                                 run.throughput, run.stop, first_step, run.ema, run.mix, profiler)
+            train_seconds = time.perf_counter() - epoch_start
+            if profiler is not None:
+                profiler.finish(run.log, runtime.is_main)  # the window is in the first epoch: validation stays out
+                profiler = None
+            run.record_training(epoch, first_step, train_stats, train_seconds, epoch_lr)
+            if train_stats["stopped"]:
+                run.stop_run(train_stats["stopped"], epoch, train_stats["steps_done"])
+        val_stats, ema_stats = validate_epoch(run, val_loader, epoch, run.steps_per_epoch)
         run.record_epoch(epoch, train_stats, val_stats, ema_stats, epoch_lr, epoch_start, train_seconds)
         is_best, best_is_ema = run.update_best(val_stats.get("acc1"), ema_stats)
         if run.stop.requested(runtime):
@@ -453,6 +464,9 @@ class Run:
     metrics_log: metrics.MetricsLog = None
     breakdown: engine.StepBreakdown = dataclasses.field(default_factory=engine.StepBreakdown)
     slow_loader_said: bool = False
+    # The figures of an epoch trained to its last step and not yet validated: saved with a stop there, so that the
+    # resumed run validates and records that epoch.
+    trained_epoch: dict = None
 
     def prepare_output_dir(self):
         """Rank 0 of a run that checkpoints: clear killed writes' leftovers, check there is room for checkpoints."""
@@ -482,6 +496,8 @@ class Run:
                  "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(), "rng": rng,
                  "num_classes": self.num_classes, "classes": self.class_names, "args": checkpoint.plain_args(args)}
+        if step >= self.steps_per_epoch:
+            state["trained_epoch"] = self.trained_epoch
         best = None
         if self.ema is not None:
             state["model_ema"] = self.ema.state_dict()
@@ -506,9 +522,12 @@ class Run:
         self.log.info(f"=> stopped by {reason} at {where}; {saved}")
         raise SystemExit(128 + self.stop.signum)
 
-    def record_training(self, epoch, first_step, stats):
-        """Log the epoch's step breakdown (and, once, a slow loader) and add its training figures to the summary."""
+    def record_training(self, epoch, first_step, stats, seconds, lr):
+        """Log the epoch's step breakdown (and, once, a slow loader) and add its training figures to the summary;
+        keep them for a checkpoint written before the epoch is validated."""
         args, log, summary = self.args, self.log, self.summary
+        self.trained_epoch = {key: stats[key] for key in ("loss", "acc1", "count", "skipped_images", "skipped_steps")}
+        self.trained_epoch.update(seconds=seconds, lr=lr)
         epoch_breakdown = stats["breakdown"]
         self.breakdown.merge(epoch_breakdown)
         log.info(breakdown_line(epoch, epoch_breakdown))

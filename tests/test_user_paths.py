@@ -265,9 +265,10 @@ def test_negative_counts_are_an_error(image_folder, tmp_path, capsys, flag):
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path), flag, "-1"], flag.split("/")[0], "at least 0")
 
 
-def test_a_stop_after_an_epochs_last_step_resumes_with_the_next_epoch(image_folder, tmp_path, monkeypatch):
-    """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4); the resumed run trains epoch 1 only, and
-    writes no row without training figures."""
+def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(image_folder, tmp_path, monkeypatch):
+    """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4) with the epoch's training figures; the resumed
+    run trains no step of epoch 0 again, validates it, records one full row for it (training figures included), then
+    trains epoch 1: one row per epoch, none empty, and epoch 0 takes part in the best checkpoint."""
     original, calls = device.Precision.step, []
 
     def step_then_sigterm(*args, **kwargs):
@@ -281,13 +282,16 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_the_next_epoch(image_fold
     with pytest.raises(SystemExit):
         run_main(image_folder, *tiny_flags(tmp_path, *flags))
     monkeypatch.undo()
+    saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 4) and saved["trained_epoch"]["count"] == 4 * 8
     resumed = run_main(image_folder, *tiny_flags(tmp_path, *flags, "--resume", str(tmp_path / "checkpoint.pth.tar")))
-    assert [row["epoch"] for row in resumed["history"]] == [1]
-    assert all(row["train_loss"] is not None for row in resumed["history"])
+    assert [row["epoch"] for row in resumed["history"]] == [0, 1]
+    assert resumed["history"][0]["train_loss"] == pytest.approx(saved["trained_epoch"]["loss"])
+    assert all(row["train_loss"] is not None and row["val_acc1"] is not None for row in resumed["history"])
     assert resumed["train_steps"] == 4
     with open(tmp_path / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["epoch"] for row in rows] == ["1"] and all(row["train_loss"] for row in rows), rows
+    assert [row["epoch"] for row in rows] == ["0", "1"] and all(row["train_loss"] and row["val_acc1"] for row in rows)
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +321,11 @@ def test_evaluate_without_train_or_recorded_classes_is_one_line(image_folder, on
     shutil.copytree(os.path.join(image_folder, "val"), tmp_path / "val_only" / "val")
     expect_error(capsys, [str(tmp_path / "val_only"), *tiny_flags(tmp_path, "-e", "--pretrained", str(bare))],
                  "no train/", "classes")
+
+
+def test_resuming_a_finished_run_is_one_line(image_folder, one_epoch, tmp_path, capsys):
+    """A checkpoint of a run that trained all its --epochs: nothing is left to train, which must not pass for a
+    successful run."""
+    path, _ = one_epoch
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--resume", str(path))],
+                 "has finished its 1 epochs", "--epochs")
