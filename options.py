@@ -288,6 +288,7 @@ def data_folder(args):
     if args.dummy:
         return None
     if args.data is None:
+        check_output_dir(args)  # the demo's folder is written inside it
         return data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     data.check_layout(args.data, need_train=not args.evaluate)
     return args.data

@@ -91,7 +91,7 @@ declare_options() {
     else
         option data_path DIR "ImageNet folder with train/ and val/ (required)"
     fi
-    option arch NAME "network, one of main.py's -a choices (default $ARCH); a resumed or evaluated checkpoint's own"
+    option arch NAME "network, one of main.py's -a choices (default $ARCH); an evaluated or resumed checkpoint must be of this arch"
     option device NAME "npu, gpu, cpu or auto (default auto: npu, else gpu, else cpu)"
     if [[ $scale == 1p ]]; then
         option device_id N "device to run on; also names the output folder (default \$ASCEND_DEVICE_ID or 0)"

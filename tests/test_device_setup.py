@@ -149,6 +149,22 @@ def test_env_npu_without_cann_turns_torch_npu_autoloading_off(tmp_path):
     assert result.stdout.split() == ["sourced=no", "autoload=0"]
 
 
+def test_env_npu_sourced_under_set_e_survives_msnpureport_failing(tmp_path):
+    """msnpureport fails for a device id the host lacks (fewer than 8 NPUs); tools/device_check.sh sources
+    env_npu.sh under `set -e`, which that failure must not end."""
+    cann = fake_cann(tmp_path)
+    bin_dir = cann / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "msnpureport").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "msnpureport").chmod(0o755)
+    with open(cann / "set_env.sh", "a") as handle:
+        handle.write(f"export PATH={bin_dir}:$PATH\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "TORCH_DEVICE_BACKEND"))}
+    result = subprocess.run(["bash", "tools/device_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, "HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
 # --- the rendezvous ---
 
 def refuse_to_start(monkeypatch):
