@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import recipe
-from utils import STOP_SIGNALS, UserError
+from utils import STOP_SIGNALS, UserError, first_line
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -45,13 +45,8 @@ def _import_torch_npu():
     except Exception as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "torch_npu":
             return False
-        raise UserError(f"torch_npu cannot be loaded ({_first_line(exc)})") from None
+        raise UserError(f"torch_npu cannot be loaded ({first_line(exc)})") from None
     return True
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _npu_available():
@@ -283,8 +278,7 @@ class Runtime:
         """DDP without a buffer sync at every forward (``Runtime.broadcast_buffers`` gives validation rank 0's
         BatchNorm statistics instead). torch 2.13 deprecated that option's name ``broadcast_buffers`` for
         ``forward_sync_buffers`` (the old name gives a FutureWarning); ``forward_sync_buffers=False`` still copies
-        rank 0's buffers once, when DDP wraps the model. Older torch, as Ascend's torch_npu builds ship, knows only
-        the old name."""
+        rank 0's buffers once, when DDP wraps the model. Older torch knows only the old name."""
         parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
         return nn.parallel.DistributedDataParallel(model, device_ids=None if self.kind == "cpu" else [self.device],
@@ -313,8 +307,8 @@ def setup_runtime(args, local_rank):
         device = torch.device("cpu")
     else:
         ids = args.device_ids
-        if device_count(kind) == 1:
-            # This process sees one device (srun --gpus-per-task=1, *_VISIBLE_DEVICES set per process): its own.
+        if device_count(kind) == 1 and _given_its_own_device(kind):
+            # This process sees one device, its own (srun --gpus-per-task=1, *_VISIBLE_DEVICES set per process).
             index = 0
         elif local_rank < len(ids):
             index = ids[local_rank]
@@ -339,7 +333,7 @@ def setup_runtime(args, local_rank):
                                         timeout=datetime.timedelta(seconds=args.dist_timeout))
         except dist.DistError as exc:
             raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
-                            f"(MASTER_ADDR/MASTER_PORT for env://): {str(exc).strip().splitlines()[0]}") from None
+                            f"(MASTER_ADDR/MASTER_PORT for env://): {first_line(exc)}") from None
     return Runtime(kind, device, rank, world_size, local_rank, _memory_format(args.memory_format, kind),
                    local_world_size=processes_on_this_node(args), kernel_settings=kernel_settings)
 
@@ -419,6 +413,17 @@ def _signals_end_process():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+VISIBLE_DEVICES_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
+
+
+def _given_its_own_device(kind):
+    """Whether the launcher gave this process a device of its own: an srun task, or *_VISIBLE_DEVICES naming one
+    device. Not so for several torchrun processes on a host with one device: binding all of them to it would only
+    fail later, at the first collective, with a misleading message."""
+    visible = os.environ.get(VISIBLE_DEVICES_VARIABLES[kind])
+    return launched_by_slurm() or (visible is not None and len(visible.split(",")) == 1)
 
 
 def _memory_format(choice, kind):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from fractions import Fraction
 
-from utils import UserError
+from utils import UserError, first_line
 
 SOURCES = ("torchvision", "timm")
 
@@ -94,7 +94,7 @@ def _fetch_torchvision(weights, progress):
         return enum.get_state_dict(progress=progress, check_hash=True, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
         file_name = enum.url.rsplit("/", 1)[-1]
-        raise UserError(f"cannot get {weights.description} ({enum.url}): {_first_line(exc)}; without network, "
+        raise UserError(f"cannot get {weights.description} ({enum.url}): {first_line(exc)}; without network, "
                         f"copy {file_name} into $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints)"
                         ) from None
 
@@ -133,12 +133,7 @@ def _fetch_timm(weights):
         # timm's own loader for its hub weights: model.safetensors first, pytorch_model.bin otherwise.
         return models.load_state_dict_from_hf(cfg.hf_hub_id, weights_only=True)
     except Exception as exc:  # huggingface_hub's errors (offline, not found, HTTP) share no base class but this
-        raise UserError(f"cannot get {weights.description} (hf-hub:{cfg.hf_hub_id}): {_first_line(exc)}; without "
+        raise UserError(f"cannot get {weights.description} (hf-hub:{cfg.hf_hub_id}): {first_line(exc)}; without "
                         f"network here, run `hf download {cfg.hf_hub_id}` where there is, copy that Hugging Face "
                         "cache ($HF_HUB_CACHE, default ~/.cache/huggingface/hub) here and set HF_HUB_OFFLINE=1"
                         ) from None
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__

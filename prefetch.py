@@ -121,8 +121,12 @@ class DeviceDecode(ToDevice):
 
     def _decode_batch(self, files):
         """Decoded uint8 CHW images on the device, None for a file that cannot be decoded."""
+        if not files:
+            return []  # a validation batch whose files the workers all turned away (decode_jpeg refuses [])
         try:
             return self._decode([f.data for f in files])
+        except torch.OutOfMemoryError:
+            raise  # the device's memory, not the files
         except RuntimeError:
             # A PNG, or a JPEG the device decoder refuses (ImageNet holds a few CMYK ones), or a corrupt one:
             # one at a time, and on the host for those.
@@ -134,6 +138,8 @@ class DeviceDecode(ToDevice):
     def _decode_one(self, encoded):
         try:
             return self._decode(encoded.data)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:
             device_error = exc
         try:

@@ -40,11 +40,6 @@ class WindowProfiler:
             **self.kit.options)
         self.profile.start()
 
-    @property
-    def steps(self):
-        """Training steps the window needs."""
-        return sum(self.window)
-
     def step(self):
         self.profile.step()
 

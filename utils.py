@@ -19,6 +19,12 @@ class UserError(Exception):
     """A problem with the user's input; main.py prints it as one line and exits with status 2."""
 
 
+def first_line(exc):
+    """An exception's first line, for one-line errors (its type when it has no message)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
 def interactive():
     """Whether this process's console is a terminal: there a progress bar runs and log lines print above it."""
     return sys.stdout.isatty()

@@ -110,6 +110,14 @@ def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, ca
         prefetch.DeviceDecode(_cpu_runtime(), True, 32, strict=True)((files, torch.tensor([0, 1, 2])))
 
 
+def test_a_validation_batch_of_unscored_files_only_is_empty(tmp_path):
+    """The workers turned away every file of the batch (a rank's last batch of one, say): no images, no error."""
+    files = [pipeline.bytes_loader(_jpeg(tmp_path / "a.JPEG", 1))]
+    val = prefetch.DeviceDecode(_cpu_runtime(), False, 32, resize_size=36)
+    images, labels = val((files, torch.tensor([data.SKIPPED_LABEL])))
+    assert images.shape == (0, 3, 32, 32) and len(labels) == 0
+
+
 @pytest.fixture(scope="module")
 def bad_jpeg_folder(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("badjpeg"), train_per_class=7, val_per_class=2)

@@ -257,9 +257,18 @@ def cuda_standin(monkeypatch):
 
 
 def test_one_visible_device_is_used_by_any_local_rank(cuda_standin, no_launcher):
-    bound = cuda_standin(1)  # srun --gpus-per-task=1: local rank 1 sees only its own GPU, as device 0
+    bound = cuda_standin(1)  # CUDA_VISIBLE_DEVICES=5 for this process: local rank 1 sees its own GPU, as device 0
+    no_launcher.setenv("CUDA_VISIBLE_DEVICES", "5")
     runtime = device.setup_runtime(device_args(), local_rank=1)
     assert runtime.device == torch.device("cuda", 0) and bound == [torch.device("cuda", 0)]
+
+
+def test_several_processes_on_a_host_with_one_device_is_an_error(cuda_standin, no_launcher):
+    """Not every rank bound to the one device, which fails only at the first collective, misleadingly."""
+    cuda_standin(1)
+    no_launcher.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(device.UserError, match="local rank 1 has no device"):
+        device.setup_runtime(device_args(), local_rank=1)
 
 
 def test_several_visible_devices_are_shared_out_by_local_rank(cuda_standin, no_launcher):
