@@ -87,7 +87,7 @@ def test_npu_branch_uses_torch_npu_profiler(monkeypatch, tmp_path, caplog):
     assert made.on_trace_ready.worker_name == "rank3"
     assert [made.schedule(step).name for step in range(5)] == ["NONE", "WARMUP", "RECORD", "RECORD_AND_SAVE",
                                                                "NONE"]
-    for _ in range(window.steps):
+    for _ in range(sum(window.window)):  # wait + warmup + active
         window.step()
     assert made.saved_at_step == 4
     log = logging.getLogger("test_npu_profiler")
