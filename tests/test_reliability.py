@@ -377,6 +377,12 @@ def test_output_dir_that_cannot_be_created(image_folder, tmp_path, capsys):
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path / "file" / "out")], "cannot create --output-dir")
 
 
+def test_demo_output_dir_that_cannot_be_created(tmp_path, capsys):
+    """The demo writes its data folder inside --output-dir: the same one line, not a traceback from the writing."""
+    (tmp_path / "file").write_text("x")
+    expect_error(capsys, ["--output-dir", str(tmp_path / "file" / "out")], "cannot create --output-dir")
+
+
 # --- security ---
 
 class _Exploit:
