@@ -39,6 +39,71 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# The process-wide state that the code under test reads, and that a test may change only if it puts it back.
+GUARDED_ENVIRONMENT = ("TORCH_DEVICE_BACKEND_AUTOLOAD", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                       "LOCAL_RANK", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
+GUARDED_ATTRIBUTES = ((torch.cuda, "is_available"), (torch.cuda, "device_count"), (torch.cuda, "set_device"))
+GUARDED_FLAGS = ((torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"),
+                 (torch.backends.cudnn, "benchmark"))
+
+
+def _process_state():
+    """{name: (value, restore)} of everything GUARDED_* names, the number of threads and the privateuse1 name."""
+    state = {}
+    for module, name in GUARDED_ATTRIBUTES:
+        state[f"{module.__name__}.{name}"] = (getattr(module, name),
+                                             lambda value, module=module, name=name: setattr(module, name, value))
+    for module, name in GUARDED_FLAGS:
+        # Flags that torch.backends serves through properties and __getattr__: read and set through them.
+        label = f"torch.backends.{'cudnn' if module is torch.backends.cudnn else 'cuda.matmul'}.{name}"
+        state[label] = (getattr(module, name), lambda value, module=module, name=name: setattr(module, name, value))
+    state["torch.npu present"] = (hasattr(torch, "npu"), _restore_npu_absent)
+    state["torch.get_num_threads()"] = (torch.get_num_threads(), torch.set_num_threads)
+    state["privateuse1 backend name"] = (torch._C._get_privateuse1_backend_name(), None)  # cannot be renamed back
+    for name in GUARDED_ENVIRONMENT:
+        state[f"os.environ[{name!r}]"] = (os.environ.get(name), lambda value, name=name: _restore_variable(name, value))
+    return state
+
+
+def _restore_npu_absent(present):
+    if not present and hasattr(torch, "npu"):
+        delattr(torch, "npu")
+
+
+def _restore_variable(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def process_state_is_left_as_found():
+    """Fails the test that leaves changed any process-wide state the code reads (torch's device functions and
+    kernel flags, threads, the launcher variables): a leak makes later tests fail far from their cause. Puts back
+    what it can, so that only the leaking test fails."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = [name for name, (value, _) in before.items() if after[name][0] != value]
+    for name in changed:
+        value, restore = before[name]
+        if restore is not None:
+            restore(value)
+    if changed:
+        pytest.fail(f"the test left changed: {', '.join(changed)}", pytrace=False)
+
+
+@pytest.fixture
+def kernel_flags():
+    """For tests that set torch's cuDNN/cuBLAS flags: they are put back as they were, through the same public
+    attributes (torch.backends serves them through properties and __getattr__, which monkeypatch cannot undo)."""
+    saved = [(module, name, getattr(module, name)) for module, name in GUARDED_FLAGS]
+    yield
+    for module, name, value in saved:
+        setattr(module, name, value)
+
+
 def tiny_flags(output_dir, *extra):
     """The smallest sensible run: mnasnet0_5 at 48 px (a 2x2 final feature map), CPU, no workers.
 

@@ -188,10 +188,10 @@ def test_side_stream_waits_for_the_mean_and_std_before_it_first_uses_them(monkey
     assert events.index("side waits for compute") < events.index("transfer")
 
 
-def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch):
+def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch, kernel_flags):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.backends.cudnn.benchmark = False
     fake_cuda = types.SimpleNamespace(set_device=lambda dev: None, device_count=lambda: 1)
     monkeypatch.setattr(device, "device_module", lambda kind: fake_cuda)
     args = argparse.Namespace(device_kind="cpu", device_ids=[0], multiprocessing_distributed=False,
@@ -231,7 +231,7 @@ def test_device_check_runs_on_the_cpu_and_passes():
     """tools/device_check.sh in miniature: every check that can run on the CPU passes; the fp16 overflow check
     says SKIP (bf16 has no loss scaler), and so does bench.py with --quick."""
     done = subprocess.run([os.path.join(ROOT, "tools", "device_check.sh"), "--device", "cpu", "--quick"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     for name in ("amp-training", "resume", "jpeg-pipeline", "eval"):

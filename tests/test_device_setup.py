@@ -161,7 +161,7 @@ def test_env_npu_sourced_under_set_e_survives_msnpureport_failing(tmp_path):
         handle.write(f"export PATH={bin_dir}:$PATH\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "TORCH_DEVICE_BACKEND"))}
     result = subprocess.run(["bash", "tools/device_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            env={**env, "HOME": str(tmp_path)}, timeout=120)
+                            env={**env, "HOME": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
 
 

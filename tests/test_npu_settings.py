@@ -81,15 +81,12 @@ def test_the_npu_standin_refuses_misspelled_names():
 
 
 @pytest.fixture
-def cuda_flags(monkeypatch, no_launcher):  # noqa: F811
-    """One visible CUDA device; the TF32 and cuDNN flags (plain attributes of torch.backends, settable without a
-    GPU) are given back as they were after the test."""
+def cuda_flags(monkeypatch, no_launcher, kernel_flags):  # noqa: F811
+    """One visible CUDA device; the TF32 and cuDNN flags (settable without a GPU) are given back as they were after
+    the test (conftest's kernel_flags)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    for module, name in ((torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"),
-                         (torch.backends.cudnn, "benchmark")):
-        monkeypatch.setattr(module, name, getattr(module, name))
 
 
 @pytest.mark.parametrize("tf32, before, after", [
@@ -209,6 +206,7 @@ def test_runs_atc_where_it_is_installed(exported, tmp_path):
     shutil.copy(exported, tmp_path / "tiny.onnx")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND")}
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    env["PYTHON"] = sys.executable
     result = subprocess.run([os.path.join(ROOT, "tools", "onnx_to_om.sh"), "tiny.onnx", "--soc-version", SOC,
                              "--batch-sizes", "2,8", "--output-dir", "om"], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=120)

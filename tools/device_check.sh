@@ -7,4 +7,4 @@ set +u
 # shellcheck source=/dev/null
 source test/env_npu.sh
 set -u
-exec python tools/device_check.py "$@"
+exec "${PYTHON:-python3}" tools/device_check.py "$@"

@@ -4,4 +4,4 @@
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=/dev/null
 source "$TOOLS_DIR/../test/env_npu.sh"
-exec python "$TOOLS_DIR/onnx_to_om.py" "$@"
+exec "${PYTHON:-python3}" "$TOOLS_DIR/onnx_to_om.py" "$@"
