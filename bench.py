@@ -230,7 +230,10 @@ def end_to_end(folder, args, tmp):
             train = json.load(f)
         with open(eval_json) as f:
             evaluation = json.load(f)
-        rows[name] = {"ld_preload": environments[name].get("LD_PRELOAD", ""), "train_img_s": train["fps"], "eval_img_s": evaluation["val_images"] / evaluation["e2e_seconds"],
+        # train_img_s is None when every step was a warm-up step (--e2e-images too few for --warmup-steps).
+        rows[name] = {"ld_preload": environments[name].get("LD_PRELOAD", ""), "train_img_s": train["fps"],
+                      "train_steps": train["train_steps"], "measured_steps": train["measured_steps"],
+                      "eval_img_s": evaluation["val_images"] / evaluation["e2e_seconds"],
                       "eval_wall_s": wall, "peak_rss_mb": max(rss) / 1024,
                       "peak_device_mb": train["peak_device_memory_mb"]}
     return rows
@@ -309,9 +312,9 @@ def main(argv=None):
     peak = runtime.max_memory_allocated()
     result["peak_device_mb"] = peak / 2 ** 20 if peak is not None else None
     result["machine"]["load_average_end"] = load_average()
-    print_table(result)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
+    print_table(result)
 
 
 def print_table(result):
@@ -335,8 +338,12 @@ def print_table(result):
     for name, row in result.get("end_to_end", {}).items():
         plain = result["end_to_end"]["plain"]
         rows.append(("main.py", f"{name}: LD_PRELOAD", row["ld_preload"] or "-", ""))
-        rows.append(("main.py", f"{name}: train img/s", f"{row['train_img_s']:,.1f}",
-                     f"{row['train_img_s'] / plain['train_img_s']:.2f}x"))
+        if row["train_img_s"] is None:
+            rows.append(("main.py", f"{name}: train img/s",
+                         f"no measured step ({row['train_steps']} steps, all warm-up)", ""))
+        else:
+            ratio = f"{row['train_img_s'] / plain['train_img_s']:.2f}x" if plain["train_img_s"] else ""
+            rows.append(("main.py", f"{name}: train img/s", f"{row['train_img_s']:,.1f}", ratio))
         rows.append(("main.py", f"{name}: eval img/s (-e, incl. start-up)", f"{row['eval_img_s']:,.1f}",
                      f"{row['eval_img_s'] / plain['eval_img_s']:.2f}x"))
         rows.append(("main.py", f"{name}: peak RSS MB (main process)", f"{row['peak_rss_mb']:,.0f}", ""))

@@ -316,8 +316,9 @@ def setup_runtime(args, local_rank):
             raise UserError(f"local rank {local_rank} has no device: --device-list names only {ids}")
         device = torch.device(kind, index)
         device_module(kind).set_device(device)
-        # Every step's batch has the same shape: cuDNN times its convolution algorithms once and keeps the fastest.
-        torch.backends.cudnn.benchmark = kind == "cuda"
+        # Every step's batch has the same shape: cuDNN times its convolution algorithms once and keeps the fastest
+        # (which may differ between runs: not with --deterministic).
+        torch.backends.cudnn.benchmark = kind == "cuda" and not args.deterministic
     kernel_settings = apply_kernel_settings(kind, args)
 
     if world_size > 1:
@@ -368,6 +369,8 @@ def apply_kernel_settings(kind, args):
                      f"cuDNN autotuning {_on_off(torch.backends.cudnn.benchmark)}")
     else:
         described = "none apply on the CPU"
+    if args.deterministic:
+        described += ", " + _use_deterministic_algorithms(kind)
     other_kinds = (NPU_SETTINGS if kind != "npu" else ()) + (("tf32",) if kind == "cpu" else ())
     ignored = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in other_kinds
                if getattr(args, name) != "auto"]
@@ -392,6 +395,20 @@ def _apply_npu_settings(args):
     return (f"{kernels}{_by_default(args.npu_jit_compile, chip_default)}, internal formats {formats}, "
             f"HF32 convolutions {_on_off(npu.conv.allow_hf32)}, HF32 matmuls {_on_off(npu.matmul.allow_hf32)}"
             f"{hf32_default}")
+
+
+def _use_deterministic_algorithms(kind):
+    """--deterministic: kernels that give the same bits on every run. Operators without a deterministic kernel warn
+    (warn_only) rather than stop a run. cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its
+    handle is made, i.e. after this), HCCL's reductions their own switch (HCCL_DETERMINISTIC, read at the process
+    group's start); a variable the user set wins."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if kind == "cuda":
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif kind == "npu":
+        os.environ.setdefault("HCCL_DETERMINISTIC", "true")
+    return "deterministic algorithms (--deterministic)"
 
 
 def _on_off(flag):
@@ -552,25 +569,33 @@ class Precision:
 
 
 class NativeAmp(Precision):
-    """torch.amp: fp16 with a loss scaler on NPU/CUDA; on the CPU, bf16 (which needs no scaler), and only where
-    the CPU computes bf16 natively (AVX512-BF16, AMX; elsewhere it stays fp32). CPU training keeps the depthwise
-    convolutions in fp32 (``prepare``): bf16 inference runs 2-3x faster than fp32 there, bf16 training with
-    every layer in bf16 0.7x, with the depthwise layers in fp32 1.16-1.18x (bench.py)."""
+    """torch.amp: autocast in ``dtype``, with a loss scaler for float16 (torch.amp's GradScaler; torch_npu's on NPU).
 
-    def __init__(self, kind, loss_scale):
+    dtype "auto" is float16 on NPU/CUDA and, on the CPU, bfloat16 where the CPU computes it natively (AVX512-BF16,
+    AMX; elsewhere it stays fp32). float16 on the CPU is slow, but runs torch's own loss scaler (skip, halve, grow)
+    as on a GPU: the tests' and ``tools/device_check.sh --device cpu``'s fp16. CPU training keeps the depthwise
+    convolutions in fp32 (``prepare``): bf16 inference runs 2-3x faster than fp32 there, bf16 training with every
+    layer in bf16 0.7x, with the depthwise layers in fp32 1.16-1.18x (bench.py)."""
+
+    DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+    def __init__(self, kind, loss_scale, dtype="auto", init_scale=2.0 ** 16):
         self.device_type = kind
-        self.dtype = torch.bfloat16 if kind == "cpu" else torch.float16
-        self.train_enabled = self.eval_enabled = kind != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if dtype == "auto":
+            self.dtype = torch.bfloat16 if kind == "cpu" else torch.float16
+            native = kind != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else:
+            self.dtype, native = self.DTYPES[dtype], True
+        self.train_enabled = self.eval_enabled = native
         self.name = (f"native {str(self.dtype).replace('torch.', '')}" if kind != "cpu" else
-                     "bf16, depthwise convolutions fp32 in training" if self.train_enabled else
-                     "fp32 (this CPU has no native bf16)")
+                     "fp32 (this CPU has no native bf16)" if not native else
+                     f"{'bf16' if self.dtype == torch.bfloat16 else 'fp16'}, depthwise convolutions fp32 in training")
         options = {"enabled": self.dtype == torch.float16}
         # A fixed scale stays fixed: the scaler still finds and skips overflowing steps, and ``optimizer_step`` hands
         # it the same scale back at every update (GradScaler refuses a backoff factor of 1; torch_npu's
         # dynamic=False would not even look for overflows).
         self.fixed_scale = None if loss_scale == "dynamic" else float(loss_scale)
-        if self.fixed_scale is not None:
-            options["init_scale"] = self.fixed_scale
+        options["init_scale"] = init_scale if self.fixed_scale is None else self.fixed_scale
         # Ascend documents its own GradScaler (torch.npu.amp); CUDA and CPU use torch.amp's.
         self.scaler = torch.npu.amp.GradScaler(**options) if kind == "npu" else torch.amp.GradScaler(kind, **options)
         self.has_scaler = self.scaler.is_enabled()
@@ -604,7 +629,8 @@ class NativeAmp(Precision):
             return super().optimizer_step(optimizer)
         self.scaler.step(optimizer)
         # The scaler skipped the step if it found inf/NaN gradients. Its record of them (torch.amp's and torch_npu's
-        # scalers keep it alike until update()) is read on the device: reading it on the host would stall each step.
+        # scalers keep it alike until update()) is read on the device, adding no host sync: with CUDA's fused SGD the
+        # step has none. torch_npu's scaler reads it on the host itself, 2-3 times a step (docs/devices.md).
         found_inf = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
         applied = sum(found_inf) == 0
         self.scaler.update(self.fixed_scale)
@@ -739,7 +765,7 @@ def build_precision(kind, model, optimizer, args):
     if not args.amp:
         return model, optimizer, Precision()
     if args.amp_backend == "native":
-        precision = NativeAmp(kind, args.loss_scale)
+        precision = NativeAmp(kind, args.loss_scale, args.amp_dtype, args.init_loss_scale)
         return precision.prepare(model), optimizer, precision
     amp = import_apex_amp(kind)
     loss_scale = args.loss_scale if args.loss_scale == "dynamic" else float(args.loss_scale)
@@ -747,4 +773,8 @@ def build_precision(kind, model, optimizer, args):
     if kind == "npu" and args.opt == "sgd":
         options["combine_grad"] = True  # only NpuFusedSGD reads the combined buffers
     model, optimizer = amp.initialize(model, optimizer, **options)
-    return model, optimizer, ApexAmp(amp, args.opt_level, args.loss_scale)
+    precision = ApexAmp(amp, args.opt_level, args.loss_scale)
+    if precision.dynamic:
+        # amp.initialize takes no first scale; its state dict (what a checkpoint restores) sets one.
+        amp.load_state_dict({"loss_scaler0": {"loss_scale": args.init_loss_scale, "unskipped": 0}})
+    return model, optimizer, precision

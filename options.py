@@ -132,11 +132,16 @@ def add_device_options(parser):
 def add_precision_options(parser):
     """Mixed precision, and the kernel settings logged at start-up."""
     group = parser.add_argument_group("mixed precision")
-    group.add_argument("--amp", action="store_true", help="fp16 on NPU/CUDA, bf16 on CPU")
+    group.add_argument("--amp", action="store_true", help="mixed precision in --amp-dtype")
+    group.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+                       help="auto: float16 on NPU/CUDA, bfloat16 on a CPU that computes it natively (fp32 on other "
+                            "CPUs); float16 always runs with a loss scaler, also on the CPU (slow there: for tests)")
     group.add_argument("--amp-backend", default="native", choices=["native", "apex"])
     group.add_argument("--opt-level", default="O1", choices=["O1", "O2"], help="apex opt level")
     group.add_argument("--loss-scale", default="dynamic",
                        help="'dynamic' or a fixed value such as 128 (never changed; overflowing steps are skipped)")
+    group.add_argument("--init-loss-scale", default=2.0 ** 16, type=float,
+                       help="the first value of a dynamic --loss-scale (GradScaler's and apex's default)")
 
     group = parser.add_argument_group("kernel settings (logged at start-up as '=> kernel settings: ...')")
     group.add_argument("--npu-jit-compile", default="auto", choices=["auto", "on", "off"],
@@ -149,6 +154,9 @@ def add_precision_options(parser):
     group.add_argument("--tf32", "--hf32", default="auto", choices=["auto", "on", "off"],
                        help="fp32 convolutions and matmuls on TF32 tensor cores (CUDA) / in HF32 (NPU): on for "
                             "both, off for neither; auto: the libraries' defaults, convolutions on, matmuls off")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic kernels (cuDNN, torch.use_deterministic_algorithms, warning for operators "
+                            "that have none; HCCL's reductions on NPU): a rerun repeats the run bit for bit, slower")
 
 
 def add_output_options(parser):
@@ -228,12 +236,7 @@ def check_values(args):
         raise UserError("--model-ema averages fp32 weights; apex O2 keeps fp16 ones: use --opt-level O1")
     if not 0 <= args.random_erase <= 1 or args.mixup < 0 or args.cutmix < 0:
         raise UserError("--random-erase must be a probability in [0, 1]; --mixup and --cutmix alphas at least 0")
-    if args.loss_scale != "dynamic":
-        try:
-            if float(args.loss_scale) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
+    check_precision(args)
     if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
         raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
     args.profile_window = profiling.parse_steps(args.profile_steps)
@@ -241,6 +244,25 @@ def check_values(args):
         raise UserError("--profile records training steps; -e/--evaluate trains none")
     if "profile_steps" in args.explicit_options and not args.profile:
         raise UserError("--profile-steps sets the window of --profile: add --profile")
+
+
+def check_precision(args):
+    """--amp-dtype, --loss-scale and --init-loss-scale readable and given with what they set."""
+    if args.amp_dtype != "auto" and not args.amp:
+        raise UserError(f"--amp-dtype {args.amp_dtype} sets the precision of --amp: add --amp")
+    if args.amp and args.amp_backend == "apex" and args.amp_dtype == "bfloat16":
+        raise UserError("--amp-backend apex casts to float16 only: use --amp-backend native for bfloat16")
+    if args.loss_scale != "dynamic":
+        try:
+            if float(args.loss_scale) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--loss-scale must be 'dynamic' or a positive number, got {args.loss_scale!r}") from None
+        if "init_loss_scale" in args.explicit_options:
+            raise UserError(f"--init-loss-scale starts a dynamic --loss-scale; --loss-scale {args.loss_scale} is "
+                            "fixed: give one or the other")
+    if not 0 < args.init_loss_scale < float("inf"):
+        raise UserError(f"--init-loss-scale must be a positive number, got {args.init_loss_scale:g}")
 
 
 def check_weights(args):

@@ -41,10 +41,12 @@ def one_thread():
 
 # The process-wide state that the code under test reads, and that a test may change only if it puts it back.
 GUARDED_ENVIRONMENT = ("TORCH_DEVICE_BACKEND_AUTOLOAD", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                       "LOCAL_RANK", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
-GUARDED_ATTRIBUTES = ((torch.cuda, "is_available"), (torch.cuda, "device_count"), (torch.cuda, "set_device"))
+                       "LOCAL_RANK", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG",
+                       "HCCL_DETERMINISTIC")
+GUARDED_ATTRIBUTES = ((torch.cuda, "is_available"), (torch.cuda, "device_count"), (torch.cuda, "set_device"),
+                      (torch.nn.Module, "zero_grad"))  # Ascend apex replaces it (tests/standins/apex_amp.py)
 GUARDED_FLAGS = ((torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"),
-                 (torch.backends.cudnn, "benchmark"))
+                 (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic"))
 
 
 def _process_state():
@@ -59,6 +61,8 @@ def _process_state():
         state[label] = (getattr(module, name), lambda value, module=module, name=name: setattr(module, name, value))
     state["torch.npu present"] = (hasattr(torch, "npu"), _restore_npu_absent)
     state["torch.get_num_threads()"] = (torch.get_num_threads(), torch.set_num_threads)
+    state["torch.are_deterministic_algorithms_enabled()"] = (torch.are_deterministic_algorithms_enabled(),
+                                                             torch.use_deterministic_algorithms)
     state["privateuse1 backend name"] = (torch._C._get_privateuse1_backend_name(), None)  # cannot be renamed back
     for name in GUARDED_ENVIRONMENT:
         state[f"os.environ[{name!r}]"] = (os.environ.get(name), lambda value, name=name: _restore_variable(name, value))
@@ -96,12 +100,15 @@ def process_state_is_left_as_found():
 
 @pytest.fixture
 def kernel_flags():
-    """For tests that set torch's cuDNN/cuBLAS flags: they are put back as they were, through the same public
-    attributes (torch.backends serves them through properties and __getattr__, which monkeypatch cannot undo)."""
+    """For tests that set torch's cuDNN/cuBLAS flags or deterministic mode: they are put back as they were, through
+    the same public attributes and setters (torch.backends serves the flags through properties and __getattr__,
+    which monkeypatch cannot undo)."""
     saved = [(module, name, getattr(module, name)) for module, name in GUARDED_FLAGS]
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     for module, name, value in saved:
         setattr(module, name, value)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 def tiny_flags(output_dir, *extra):

@@ -239,13 +239,14 @@ def test_sigterm_ends_a_run_waiting_at_the_rendezvous(tmp_path):
 def device_args(**values):
     base = dict(device_kind="cuda", device_ids=[0], multiprocessing_distributed=False, world_size=1, rank=0,
                 dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto", npu_jit_compile="auto",
-                npu_internal_format="auto", tf32="auto")
+                npu_internal_format="auto", tf32="auto", deterministic=False)
     return argparse.Namespace(**{**base, **values})
 
 
 @pytest.fixture
-def cuda_standin(monkeypatch):
-    """torch.cuda as a process with CUDA_VISIBLE_DEVICES set per process sees it; records set_device."""
+def cuda_standin(monkeypatch, kernel_flags):
+    """torch.cuda as a process with CUDA_VISIBLE_DEVICES set per process sees it; records set_device. setup_runtime
+    turns cuDNN autotuning on: kernel_flags puts it back."""
     bound = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", bound.append)

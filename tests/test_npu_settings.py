@@ -104,6 +104,16 @@ def test_tf32_sets_cudnn_and_cublas_flags(cuda_flags, tf32, before, after):
     assert "cuDNN autotuning on" in runtime.kernel_settings
 
 
+def test_deterministic_turns_cudnn_autotuning_off_and_deterministic_kernels_on(cuda_flags, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that undo removes what the code sets
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    runtime = device.setup_runtime(device_args(deterministic=True), local_rank=0)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert runtime.kernel_settings.endswith("cuDNN autotuning off, deterministic algorithms (--deterministic)")
+
+
 def test_npu_flags_on_a_gpu_are_noted_as_ignored(cuda_flags):
     runtime = device.setup_runtime(device_args(npu_jit_compile="off", npu_internal_format="on"), local_rank=0)
     assert runtime.kernel_settings.endswith(

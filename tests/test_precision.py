@@ -82,8 +82,7 @@ def _sgd_steps(kind, losses, nesterov, resume_from=None):
         kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
         optimizer.load_state_dict(resume_from)
         optimizer.param_groups[0].update(kernels)  # as main.resume does: this device's kernels
-    precision = device.NativeAmp("cpu", "dynamic")
-    precision.scaler, precision.has_scaler = torch.amp.GradScaler("cpu", init_scale=2. ** 16), True
+    precision = device.NativeAmp("cpu", "dynamic", "float16")
     steps = []
     for factor in losses:
         precision.step((weight * torch.arange(12.).reshape(3, 4) * factor).sum(), optimizer)
@@ -160,13 +159,9 @@ def npu_scaler(monkeypatch):
         GradScaler=npu_grad_scaler.GradScaler)), raising=False)
 
 
-def _cpu_scaler_amp(monkeypatch, loss_scale="dynamic"):
-    """NativeAmp("cpu") with torch.amp's GradScaler enabled, as on CUDA (the same class and state dict)."""
-    real = torch.amp.GradScaler
-    monkeypatch.setattr(torch.amp, "GradScaler", lambda kind, **options: real(kind, **{**options, "enabled": True}))
-    precision = device.NativeAmp("cpu", loss_scale)
-    monkeypatch.setattr(torch.amp, "GradScaler", real)
-    return precision
+def _cpu_scaler_amp(loss_scale="dynamic"):
+    """NativeAmp("cpu") in float16: torch.amp's GradScaler, as on CUDA (the same class and state dict)."""
+    return device.NativeAmp("cpu", loss_scale, "float16")
 
 
 def _overflow_once(precision):
@@ -177,7 +172,7 @@ def _overflow_once(precision):
 
 
 def test_a_scaler_checkpoint_resumes_across_device_kinds(monkeypatch, npu_scaler):
-    cuda_like = _cpu_scaler_amp(monkeypatch)
+    cuda_like = _cpu_scaler_amp()
     _overflow_once(cuda_like)
     saved = cuda_like.state_dict()
     assert "dynamic" not in saved["scaler"] and saved["scaler"]["_growth_tracker"] == 2
@@ -187,7 +182,7 @@ def test_a_scaler_checkpoint_resumes_across_device_kinds(monkeypatch, npu_scaler
     assert npu.state_dict()["scaler"]["_growth_tracker"] == 2
 
     _overflow_once(npu)
-    back = _cpu_scaler_amp(monkeypatch)
+    back = _cpu_scaler_amp()
     back.load_state_dict(npu.state_dict())
     assert back.scaler.get_scale() == 2. ** 14 and back.state_dict()["scaler"]["_growth_tracker"] == 2
 
@@ -195,7 +190,7 @@ def test_a_scaler_checkpoint_resumes_across_device_kinds(monkeypatch, npu_scaler
 def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
     """An Ascend apex run goes on with native AMP on CUDA (where apex.amp is gone), and back."""
     apex_amp.install(monkeypatch)
-    native = _cpu_scaler_amp(monkeypatch)
+    native = _cpu_scaler_amp()
     _overflow_once(native)
     weight = torch.nn.Parameter(torch.ones(3))
     _, optimizer = apex_amp.initialize(weight, torch.optim.SGD([weight], lr=0.1), opt_level="O1")
@@ -203,7 +198,7 @@ def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
     apex.load_state_dict(native.state_dict())
     assert apex.state_dict() == {"apex": {"loss_scaler0": {"loss_scale": 2. ** 15, "unskipped": 2}}}
     apex.step((weight * float("inf")).sum(), optimizer)
-    native_again = _cpu_scaler_amp(monkeypatch)
+    native_again = _cpu_scaler_amp()
     native_again.load_state_dict(apex.state_dict())
     assert native_again.scaler.get_scale() == 2. ** 14 and native_again.state_dict()["scaler"]["_growth_tracker"] == 0
 
@@ -232,7 +227,7 @@ def test_apex_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monke
 
 @pytest.mark.parametrize("kind", ["cpu", "npu"])
 def test_a_fixed_loss_scale_skips_overflowing_steps_and_stays_fixed(monkeypatch, npu_scaler, kind):
-    precision = _cpu_scaler_amp(monkeypatch, "128") if kind == "cpu" else device.NativeAmp("npu", "128")
+    precision = _cpu_scaler_amp("128") if kind == "cpu" else device.NativeAmp("npu", "128")
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     for bad in (True, False, True, True, False):
@@ -241,6 +236,16 @@ def test_a_fixed_loss_scale_skips_overflowing_steps_and_stays_fixed(monkeypatch,
         assert torch.is_tensor(verdict) and bool(verdict) == (not bad)
         assert torch.equal(weight.detach(), before if bad else before - 0.1)
         assert precision.scaler.get_scale() == 128.0
-    resumed = _cpu_scaler_amp(monkeypatch, "256")
+    resumed = _cpu_scaler_amp("256")
     resumed.load_state_dict(precision.state_dict())
     assert resumed.scaler.get_scale() == 256.0  # the command line's fixed scale, not the checkpoint's
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--amp-dtype", "float16"], "--amp-dtype float16 sets the precision of --amp: add --amp"),
+    (["--amp", "--amp-dtype", "bfloat16", "--amp-backend", "apex"], "apex casts to float16 only"),
+    (["--amp", "--loss-scale", "128", "--init-loss-scale", "1024"], "--init-loss-scale starts a dynamic"),
+    (["--amp", "--init-loss-scale", "0"], "--init-loss-scale must be a positive number"),
+])
+def test_precision_options_that_do_not_fit_are_one_line(image_folder, tmp_path, capsys, flags, fragment):
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path), *flags], fragment)

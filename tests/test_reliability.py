@@ -278,30 +278,23 @@ def test_non_finite_loss_without_amp_stops_with_the_last_good_weights(image_fold
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
-@pytest.fixture
-def cpu_loss_scaler(monkeypatch):
-    """fp16-style AMP on the CPU: a real GradScaler under bf16 autocast (only NPU/CUDA enable it otherwise)."""
-    original = device.NativeAmp.__init__
-
-    def init(self, kind, loss_scale):
-        original(self, kind, loss_scale)
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-        self.has_scaler = True
-    monkeypatch.setattr(device.NativeAmp, "__init__", init)
+# float16 on the CPU: torch's own autocast and GradScaler, as on NPU/CUDA (the first scale 2^10: the poisoned steps
+# skip, nothing else overflows).
+FP16 = ("--amp", "--amp-dtype", "float16", "--init-loss-scale", "1024")
 
 
-def test_amp_counts_and_shows_skipped_steps(image_folder, tmp_path, monkeypatch, cpu_loss_scaler):
+def test_amp_counts_and_shows_skipped_steps(image_folder, tmp_path, monkeypatch):
     _poison_loss(monkeypatch, {2, 3, 6})
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--print-freq", "4"))
+    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *FP16, "--print-freq", "4"))
     assert summary["skipped_steps"] == 3 and [h["skipped_steps"] for h in summary["history"]] == [2, 1]
     log = (tmp_path / "train.log").read_text()
     assert "\tSkipped 2" in log and "=> epoch 1: 0 unreadable images replaced, 1 steps skipped" in log
 
 
-def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch, cpu_loss_scaler):
+def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch):
     """Skipped steps are counted on the device: no host sync per step (get_scale() would make two)."""
     monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs the host"))
-    precision = device.NativeAmp("cpu", "dynamic")
+    precision = device.NativeAmp("cpu", "dynamic", "float16")
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     skipped = SkippedSteps()
@@ -314,14 +307,55 @@ def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch, cpu_loss_scal
     assert torch.isfinite(weight).all() and not torch.equal(weight, torch.ones(3))
 
 
-def test_amp_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkeypatch, cpu_loss_scaler, capsys):
+def test_amp_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkeypatch, capsys):
     _poison_loss(monkeypatch, set(range(2, 100)))
-    expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp",
-                                                    "--max-nonfinite-steps", "3")],
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "2", *FP16, "--max-nonfinite-steps", "3")],
                  "not finite at epoch 0, step 4/4 (3 step(s) in a row)")
     state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 4)
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+
+
+def _scaler_state(path):
+    return torch.load(path, weights_only=True)["precision"]["scaler"]
+
+
+@pytest.mark.parametrize("loss_scale", ["dynamic", "fixed"])
+def test_fp16_gradients_overflowing_at_2_to_24(image_folder, tmp_path, loss_scale):
+    """torch's own fp16 autocast and GradScaler on the CPU. A dynamic scale starting at 2^20 (this model's
+    gradients overflow up to about 2^13) halves at each overflowing step, each skipped, until the steps apply; a
+    fixed 2^24 skips every overflowing step and stays."""
+    scale = ["--init-loss-scale", str(2 ** 20)] if loss_scale == "dynamic" else ["--loss-scale", str(2 ** 24)]
+    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "3", "--amp", "--amp-dtype", "float16",
+                                                 *scale, "--no-val", "--seed", "0", "--max-nonfinite-steps", "12"))
+    skipped, steps = summary["skipped_steps"], summary["train_steps"]
+    state = _scaler_state(tmp_path / "checkpoint.pth.tar")
+    if loss_scale == "dynamic":
+        assert 1 <= skipped < steps == 12
+        assert state["scale"] == 2 ** 20 / 2 ** skipped  # no growth within 2000 good steps
+        assert torch.isfinite(torch.tensor(summary["train_loss"]))
+    else:
+        assert skipped >= 1 and state["scale"] == 2 ** 24
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoint.pth.tar").values())
+
+
+def test_an_fp16_run_stopped_mid_epoch_resumes_its_loss_scale_to_the_bit(image_folder, tmp_path, monkeypatch):
+    """The scale falls from 2^20 while the steps overflow; stopped in epoch 1, the resumed run goes on with the
+    checkpoint's scale and ends with the uninterrupted run's weights and scale."""
+    flags = (*RESUME_FLAGS, "--amp", "--amp-dtype", "float16", "--init-loss-scale", str(2 ** 20),
+             "--max-nonfinite-steps", "8")
+    run_main(image_folder, *tiny_flags(tmp_path / "straight", *flags))
+    _signal_self_at(monkeypatch, device.Precision, "step", lambda n, args: n == 6)
+    with pytest.raises(SystemExit):
+        run_main(image_folder, *tiny_flags(tmp_path / "stopped", *flags))
+    monkeypatch.undo()
+    path = tmp_path / "stopped" / "checkpoint.pth.tar"
+    assert 1 < _scaler_state(path)["scale"] < 2 ** 20
+    run_main(image_folder, *tiny_flags(tmp_path / "stopped", *flags, "--resume", str(path)))
+    straight = tmp_path / "straight" / "checkpoint.pth.tar"
+    assert _scaler_state(path) == _scaler_state(straight)
+    expected, final = weights(straight), weights(path)
+    assert all(torch.equal(expected[k], final[k]) for k in expected)
 
 
 # --- distributed ---
