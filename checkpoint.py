@@ -5,6 +5,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ import torch
 import device
 import mnasnet
 import timm_keys
-from utils import UserError
+from utils import UserError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -124,12 +125,26 @@ def load_file(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"refusing to load {path}: it holds pickled objects that weights_only loading does not "
-                        f"allow (it could run code) - {first_line}") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    except Exception as exc:  # a damaged file fails in many ways: RuntimeError, EOFError, UnicodeDecodeError ...
+        # torch.load re-raises the unpickler's refusal inside its advice, the refusal kept as __context__; torch_npu's
+        # torch.load re-raises a record's read error (a RuntimeError) so too.
+        cause = exc.__context__ if isinstance(exc, pickle.UnpicklingError) and exc.__context__ else exc
+        damaged = _damaged_record(path)
+        if isinstance(cause, pickle.UnpicklingError) and damaged is None:
+            raise UserError(f"refusing to load {path}: it holds pickled objects that weights_only loading does not "
+                            f"allow (it could run code) - {first_line(cause)}") from None
+        where = f" ({damaged} is damaged)" if damaged else ""
+        raise UserError(f"cannot read checkpoint {path}: {first_line(cause)}{where}") from None
+
+
+def _damaged_record(path):
+    """The first record of a zip file (torch.save's format) that fails its CRC check or cannot be read, or None,
+    also for a file that is not a readable zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
 
 
 def model_state(obj):
@@ -148,6 +163,16 @@ def model_state(obj):
         # Keeps the version marker that MnasNet's loader uses to read torchvision's version-1 checkpoints.
         state._metadata = _strip_metadata(metadata)
     return state
+
+
+def layout_version(obj):
+    """The layout version at the root of a loaded file's model state (MnasNet-B1: torchvision's 1 or 2), or None;
+    a file without a model state dict is left for the loader to report."""
+    try:
+        metadata = getattr(model_state(obj), "_metadata", None) or {}
+    except UserError:
+        return None
+    return metadata.get("", {}).get("version")
 
 
 def _strip_metadata(metadata):

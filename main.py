@@ -188,6 +188,10 @@ def build_model(args, runtime, num_classes, log):
     elif args.pretrained:
         checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
         log.info(f"=> loaded weights from {args.pretrained}")
+    if args.resume and isinstance(model, mnasnet.MNASNet):
+        # resume() loads the weights after the optimizer, apex and DDP took the parameters: a stem that loading
+        # would rebuild (torchvision's version-1 layout) is built now.
+        model.use_layout(checkpoint.layout_version(checkpoint.load_file(args.resume)))
     if args.sync_bn and runtime.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device, memory_format=runtime.memory_format)

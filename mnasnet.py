@@ -152,16 +152,22 @@ class MNASNet(nn.Module):
         if version not in (1, 2):
             error_msgs.append(f"unsupported MNASNet checkpoint version {version!r} (expected 1 or 2)")
             return
+        self.use_layout(version)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def use_layout(self, version):
+        """Build the stem of checkpoint layout ``version`` (1 or 2), as loading such a checkpoint does. Rebuilding
+        replaces modules, so a run calls this before an optimizer, apex or DDP take the parameters; loading the
+        checkpoint afterwards rebuilds nothing."""
         # At alpha 1.0 the two versions are identical.
-        if version == 1 and self.alpha != 1.0:
+        if version == 1 and self.alpha != 1.0 and self._version != 1:
             self._use_v1_stem()
             warnings.warn(
                 "This MNASNet checkpoint has the version-1 layout (stem not scaled with alpha); "
                 "the model's stem was rebuilt to match it and will be saved as version 1.",
                 UserWarning,
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def _use_v1_stem(self):
         """Replace the stem and the first stack (its input width changes) with the version-1 shapes."""

@@ -65,13 +65,13 @@ def _assert_close_state(a, b):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
-def _v1_checkpoint(arch):
-    """A version-1 state dict made by torchvision itself.
+def _v1_checkpoint(arch, **kwargs):
+    """A version-1 state dict made by torchvision itself (``kwargs`` go to its builder).
 
     Loading a version-1-tagged dict without the stem keys makes torchvision rebuild its v1 stem,
     after which its state_dict() is a genuine v1 checkpoint.
     """
-    model = _torchvision(arch)
+    model = _torchvision(arch, **kwargs)
     current = model.state_dict()
     v1_prefixes = tuple(f"layers.{i}." for i in range(9))
     partial = type(current)((k, v) for k, v in current.items() if not k.startswith(v1_prefixes))
@@ -212,6 +212,20 @@ def test_version1_stem_keeps_mode_and_bn_momentum():
         ours.load_state_dict(v1)
     assert not any(m.training for m in ours.modules())
     assert {m.momentum for m in ours.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+
+
+def test_a_version1_stem_built_up_front_keeps_its_parameters_when_the_checkpoint_loads():
+    """An optimizer built after use_layout(1) holds the parameters that loading the checkpoint fills."""
+    v1 = _v1_checkpoint("mnasnet0_5")
+    ours = _ours("mnasnet0_5")
+    with pytest.warns(UserWarning, match="version-1"):
+        ours.use_layout(1)
+    parameters = list(ours.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing rebuilt
+        ours.load_state_dict(v1)
+    assert all(new is old for new, old in zip(ours.parameters(), parameters, strict=True))
+    _assert_same_state(ours.state_dict(), v1)
 
 
 def test_version1_at_alpha_one_changes_nothing():

@@ -1,5 +1,6 @@
 """Weights and run state going into main.py: wrapped state dicts, weights-only --resume, --start-epoch, a new --lr
-on resume, the default BatchNorm momentum, and equal rank digests without validation."""
+on resume, the default BatchNorm momentum, equal rank digests without validation, and torchvision's version-1 stem
+trained after --pretrained and --resume."""
 import csv
 import re
 import warnings
@@ -154,3 +155,51 @@ def test_ranks_end_with_equal_digests_without_validation(image_folder, tmp_path)
     digest = state_digest(saved["state_dict"])
     assert logged_digest(out / "train.log", 0) == digest
     assert logged_digest(out / "rank1.log", 1) == digest
+
+
+# --- issue 18 A: a version-1 stem, from --pretrained and through --resume ---
+
+V1_STEM_WEIGHT = "layers.0.weight"
+
+
+@pytest.fixture(scope="module")
+def trained_from_v1(image_folder, tmp_path_factory):
+    """One epoch from torchvision's version-1 layout (stem 32 wide at every alpha): (the weights file, the run's
+    output folder)."""
+    root = tmp_path_factory.mktemp("v1")
+    pretrained = root / "v1.pth"
+    torch.save(_v1_checkpoint("mnasnet0_5", num_classes=3), pretrained)
+    with pytest.warns(UserWarning, match="version-1"):
+        run_main(image_folder, *tiny_flags(root / "first", "--epochs", "1", *SHORT, "--pretrained", str(pretrained)))
+    return pretrained, root / "first"
+
+
+def saved_weights(output_dir):
+    return torch.load(output_dir / checkpoint.CHECKPOINT_NAME, weights_only=True)["state_dict"]
+
+
+def test_a_version1_stem_trains_from_pretrained_and_after_resume(trained_from_v1, image_folder, tmp_path):
+    """The version-1 stem is built before the optimizer takes the parameters, on --pretrained and on --resume:
+    the stem trains in both runs."""
+    pretrained, first = trained_from_v1
+    after_first = saved_weights(first)
+    assert after_first._metadata[""]["version"] == 1
+    assert after_first[V1_STEM_WEIGHT].shape[0] == 32
+    assert not torch.equal(after_first[V1_STEM_WEIGHT], torch.load(pretrained, weights_only=True)[V1_STEM_WEIGHT])
+    with pytest.warns(UserWarning, match="version-1"):
+        run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *SHORT, "--resume",
+                                           str(first / checkpoint.CHECKPOINT_NAME)))
+    after_resumed = saved_weights(tmp_path)
+    assert after_resumed._metadata[""]["version"] == 1
+    assert not torch.equal(after_resumed[V1_STEM_WEIGHT], after_first[V1_STEM_WEIGHT])
+
+
+def test_two_gloo_processes_resume_a_version1_stem(trained_from_v1, image_folder, tmp_path):
+    """DDP registers the parameters it is given: with a stem replaced after it, every step would wait on the old
+    stem's gradients."""
+    _, first = trained_from_v1
+    proc = run_subprocess(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *SHORT, "--multiprocessing-distributed",
+                                                    "--device-list", "0,1", "--resume",
+                                                    str(first / checkpoint.CHECKPOINT_NAME)))
+    assert proc.returncode == 0, proc.stderr
+    assert not torch.equal(saved_weights(tmp_path)[V1_STEM_WEIGHT], saved_weights(first)[V1_STEM_WEIGHT])

@@ -1,17 +1,26 @@
 """A CPU stand-in for ``apex.amp``: the optimizer and loss-scaler side of amp, without the fp16 casts.
 
 Mirrored from NVIDIA apex at e13873de (the parent of cb65b8ed, which removed apex/amp in May 2025; tag 25.05 is
-the last release with it) and from Ascend apex's patch/npu.patch (HEAD 8b8bd43):
+the last release with it) and from Ascend apex master's patch/npu.patch (49a7994, November 2023: the patch for
+torch 2.x; line numbers are the patch file's):
 
 * ``initialize``, ``state_dict``, ``load_state_dict``: apex/amp/frontend.py; the state lives in
   ``_amp_state.loss_scalers`` (apex/amp/_amp_state.py, re-exported by apex/amp/__init__.py).
-* ``zero_grad`` replaced by a method that takes no arguments and zeroes the gradients in place:
-  apex/amp/_process_optimizer.py ``new_zero_grad(self)`` (line 367, with master weights: O2), and in Ascend's
-  patch ``new_zero_grad_accelerate_no_master_weights(self)`` (patch lines 1217-1230, combine_grad=True without
-  master weights: O1) and ``new_zero_grad_with_master_weights`` / ``new_zero_grad_accelerate_with_master_weights``
-  (patch lines 922-944). With combine_grad the zeroed gradients are views of one combined buffer, so they must
-  stay the same tensors. For the tests only (not apex's): ``initialized_optimizers`` lists what ``initialize``
-  patched, and each optimizer's ``_amp_stash.zeroed_grads`` the gradients each ``zero_grad()`` zeroed.
+* ``optimizer.zero_grad`` replaced by a method that takes no arguments (apex/amp/_process_optimizer.py
+  ``_process_optimizer``): with master weights (O2) ``new_zero_grad_with_master_weights(self)`` (line 1478; with
+  ``combine_grad`` ``new_zero_grad_accelerate_with_master_weights``, line 1495) zeroes the gradients in place;
+  without (O1), with ``combine_grad`` (``optimizer.accelerate``, line 1688) or an NPU fused
+  optimizer, ``new_zero_grad_accelerate_no_master_weights(self)`` (line 1816) calls the optimizer's own
+  ``zero_grad()`` (torch 2.x's frees the gradients) until the gradients are combined, then zeroes the combined
+  buffers in place. They are combined after the first backward (``post_backward_no_master_weights`` ->
+  ``combined_init_no_master_weights``, lines 1102-1107, 1197-1242) into buffers whose views the parameters' grads
+  become, so from then on the grads must stay the same tensors; here the combined buffers are the gradients as the
+  first backward left them.
+* ``torch.nn.Module.zero_grad`` replaced, with ``combine_grad`` or an NPU fused optimizer, by apex/amp/_initialize.py
+  ``zero_grad(self, set_to_none=False)`` (lines 292-315, installed at 403-414), which asserts
+  ``set_to_none is False`` (torch 2.x's default is True); ``install`` has it put back after each test.
+* For the tests only (not apex's): ``initialized_optimizers`` lists what ``initialize`` patched, and each
+  optimizer's ``_amp_stash.zeroed_grads`` the gradients each in-place ``zero_grad()`` zeroed.
 * ``scale_loss``: apex/amp/handle.py: yields ``loss.float() * loss_scale``; on exit clears the overflow state,
   unscales (``_post_amp_backward``), calls ``update_scale()`` and on overflow swaps ``optimizer.step`` for a
   ``skip_step`` that puts the real step back.
@@ -80,16 +89,44 @@ def _grads(optimizer):
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
+def zero_grad(self, set_to_none: bool = False) -> None:
+    assert set_to_none is False, "For combined grad, `set_to_none` must be False."
+    for p in self.parameters():
+        if p.grad is not None:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
+
+
 def _post_amp_backward(self, loss_scaler):
+    stash = self._amp_stash
+    if (self.accelerate or self.is_npu_fused_optimizer) and not stash.already_combined:
+        stash.combined_grads = _grads(self)
+        stash.already_combined = True
     loss_scaler.unscale_python(_grads(self), 1. / loss_scaler.loss_scale())
 
 
-def _zero_grad_in_place(self):
-    grads = _grads(self)
+def _zero_in_place(self, grads):
     for grad in grads:
         grad.detach_()
         grad.zero_()
     self._amp_stash.zeroed_grads.append(grads)
+
+
+def _new_zero_grad_with_master_weights(self):
+    _zero_in_place(self, _grads(self))
+
+
+def _new_zero_grad_accelerate_no_master_weights(old_zero_grad):
+    def new_zero_grad(self):
+        stash = self._amp_stash
+        if not stash.already_combined:
+            old_zero_grad()
+            return
+        _zero_in_place(self, stash.combined_grads)
+    return new_zero_grad
 
 
 def initialize(models, optimizers=None, enabled=True, opt_level="O1", loss_scale=None, combine_grad=None, **kwargs):
@@ -100,10 +137,17 @@ def initialize(models, optimizers=None, enabled=True, opt_level="O1", loss_scale
     _amp_state.loss_scalers = [LossScaler(loss_scale)]
     optimizer = optimizers
     optimizer._amp_stash = types.SimpleNamespace(already_patched=False, params_have_scaled_gradients=False,
-                                                 zeroed_grads=[])
+                                                 already_combined=False, combined_grads=[], zeroed_grads=[])
+    optimizer.accelerate = combine_grad
+    optimizer.is_npu_fused_optimizer = getattr(optimizer, "is_npu_fused_optimizer", False)
     optimizer._post_amp_backward = types.MethodType(_post_amp_backward, optimizer)
-    if opt_level == "O2" or combine_grad:
-        optimizer.zero_grad = types.MethodType(_zero_grad_in_place, optimizer)
+    if opt_level == "O2":
+        optimizer.zero_grad = types.MethodType(_new_zero_grad_with_master_weights, optimizer)
+    elif optimizer.accelerate or optimizer.is_npu_fused_optimizer:
+        optimizer.zero_grad = types.MethodType(_new_zero_grad_accelerate_no_master_weights(optimizer.zero_grad),
+                                               optimizer)
+    if combine_grad or optimizer.is_npu_fused_optimizer:
+        torch.nn.Module.zero_grad = zero_grad
     initialized_optimizers.append(optimizer)
     return models, optimizer
 
@@ -152,5 +196,6 @@ def install(monkeypatch):
     apex.amp = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.amp", apex.amp)
+    monkeypatch.setattr(torch.nn.Module, "zero_grad", torch.nn.Module.zero_grad)  # initialize may replace it
     _amp_state.loss_scalers = []
     initialized_optimizers.clear()
