@@ -10,14 +10,13 @@ import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, se
 
 import argparse
 import re
-import sys
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 import checkpoint
 import data
-from utils import UserError
+from utils import UserError, exit_on_user_error
 
 IMAGENET_CLASSES = 1000
 _WORDNET_ID = re.compile(r"n\d{8}")
@@ -74,7 +73,7 @@ def main(argv=None):
     parser.add_argument("-a", "--arch", default=None, help="needed when the file does not name it (torchvision, timm)")
     parser.add_argument("--topk", default=5, type=int)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         model, saved = checkpoint.load_model(args.checkpoint, args.arch)
         names = class_names(saved, model.num_classes)
         transform = data.val_transform(*eval_sizes(saved))
@@ -82,9 +81,6 @@ def main(argv=None):
             print(path)
             for probability, name in top:
                 print(f"  {100 * probability:6.2f}%  {name}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, se
 
 import argparse
 import os
-import sys
 import warnings
 
 import torch
 
 import checkpoint
-from utils import UserError
+from utils import exit_on_user_error
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -58,12 +57,9 @@ def main(argv=None):
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime's outputs with PyTorch's")
     args = parser.parse_args(argv)
     output = args.output or os.path.splitext(args.checkpoint.removesuffix(".tar"))[0] + ".onnx"
-    try:
+    with exit_on_user_error():
         model, _ = checkpoint.load_model(args.checkpoint, args.arch)
         export(model, output, args.image_size, args.opset)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {output}")
     if args.verify:
         print(f"onnxruntime vs PyTorch: max abs difference {max_difference(model, output, args.image_size):.2e}")

@@ -36,7 +36,7 @@ import prefetch
 import profiling
 import recipe
 from options import check_args, parse_args
-from utils import UserError, epoch_seed, seed_everything, setup_logging, state_digest
+from utils import UserError, epoch_seed, exit_on_user_error, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
@@ -44,22 +44,16 @@ DUMMY_CLASSES = 1000
 def main(argv=None):
     """Parse and check the command line, then run main_worker in each process (device.launch)."""
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         check_args(args)
         device.launch(main_worker, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main_worker(local_rank, args):
     """One process: train, turning a bad input or a failed collective into a one-line error."""
     try:
-        with engine.StopRequest() as stop:
+        with exit_on_user_error(), engine.StopRequest() as stop:
             train(local_rank, args, stop)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except RuntimeError as exc:
         message = device.collective_failure(exc, args.dist_timeout)
         if message is None:

@@ -6,9 +6,8 @@ import argparse
 import csv
 import math
 import os
-import sys
 
-from utils import UserError
+from utils import UserError, exit_on_user_error
 
 CSV_NAME = "metrics.csv"
 PNG_NAME = "metrics.png"
@@ -122,11 +121,8 @@ def main(argv=None):
     parser.add_argument("-o", "--output", default=None, help="PNG to write; default: metrics.png beside the CSV")
     args = parser.parse_args(argv)
     png_path = args.output or default_png(args.csv)
-    try:
+    with exit_on_user_error():
         points = plot_curves(args.csv, png_path)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {png_path} ({', '.join(f'{label}: {n}' for label, n in points.items())} points)")
 
 

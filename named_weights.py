@@ -10,19 +10,13 @@ import dataclasses
 import math
 from fractions import Fraction
 
+import timm_keys
 from utils import UserError, first_line
 
 SOURCES = ("torchvision", "timm")
 
 # Our archs under timm's names (timm's B1 and A1 are the same networks; its mnasnet_140 is not our 1.3).
-TIMM_NAMES = {
-    "mnasnet0_5": "mnasnet_050",
-    "mnasnet0_75": "mnasnet_075",
-    "mnasnet1_0": "mnasnet_100",
-    "mnasnet_a1_0_75": "semnasnet_075",
-    "mnasnet_a1": "semnasnet_100",
-    "mnasnet_a1_1_4": "semnasnet_140",
-}
+TIMM_NAMES = {ours: theirs for theirs, ours in timm_keys.TIMM_ARCHS.items()}
 
 
 @dataclasses.dataclass(frozen=True)

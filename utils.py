@@ -1,4 +1,5 @@
 """Small shared helpers: user-facing errors, logging, metrics and seeding."""
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,7 +17,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class UserError(Exception):
-    """A problem with the user's input; main.py prints it as one line and exits with status 2."""
+    """A problem with the user's input; the commands print it as one line and exit with status 2."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """A command's body: a UserError ends it as "error: ..." on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def first_line(exc):

@@ -33,7 +33,7 @@ def apex_on_cpu(monkeypatch):
     monkeypatch.setattr(main, "check_args", checked_then_on_the_cpu)
 
 
-# --- item 1: apex's zero_grad takes no arguments ---
+# --- apex's zero_grad takes no arguments ---
 
 def test_apex_o2_trains_with_its_zero_grad_that_takes_no_arguments(image_folder, tmp_path, apex_on_cpu):
     summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--amp", "--amp-backend", "apex",
@@ -60,7 +60,7 @@ def test_apex_combined_gradients_are_zeroed_in_place_never_freed(monkeypatch):
     torch.testing.assert_close(weight.detach(), torch.full((4,), 0.4))  # three applied steps of grad 2
 
 
-# --- item 2: fused SGD after skipped first steps ---
+# --- fused SGD after skipped first steps ---
 
 @pytest.fixture
 def uninitialised_is_nan(monkeypatch):
@@ -124,7 +124,7 @@ def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd(uniniti
     assert all(torch.equal(a, b) for a, b in zip(resumed, unfused))
 
 
-# --- item 4: NVIDIA apex without apex.amp ---
+# --- NVIDIA apex without apex.amp ---
 
 def test_apex_backend_on_cuda_without_apex_amp_points_at_native_amp(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))  # NVIDIA apex 25.07 and later
@@ -150,7 +150,7 @@ def test_launcher_amp_level_o2_without_apex_amp_is_a_clear_error(tmp_path, devic
     assert "running:" not in result.stdout
 
 
-# --- item 5: loss-scaler checkpoints between device kinds ---
+# --- loss-scaler checkpoints between device kinds ---
 
 @pytest.fixture
 def npu_scaler(monkeypatch):
@@ -203,7 +203,7 @@ def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
     assert native_again.scaler.get_scale() == 2. ** 14 and native_again.state_dict()["scaler"]["_growth_tracker"] == 0
 
 
-# --- item 6: apex's skipped steps ---
+# --- apex's skipped steps ---
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", "128"])
 def test_apex_counts_skipped_steps(image_folder, tmp_path, monkeypatch, apex_on_cpu, loss_scale):
@@ -223,7 +223,7 @@ def test_apex_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monke
                  "not finite at epoch 0, step 4/4 (3 step(s) in a row)")
 
 
-# --- item 12: a fixed loss scale stays fixed ---
+# --- a fixed loss scale stays fixed ---
 
 @pytest.mark.parametrize("kind", ["cpu", "npu"])
 def test_a_fixed_loss_scale_skips_overflowing_steps_and_stays_fixed(monkeypatch, npu_scaler, kind):

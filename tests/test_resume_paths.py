@@ -40,7 +40,7 @@ def lr_by_epoch(output_dir):
         return {int(row["epoch"]): float(row["lr"]) for row in csv.DictReader(handle)}
 
 
-# --- issue 11 item 1: wrapped state dicts ---
+# --- wrapped state dicts ---
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("arch", NON_UNIT_ARCHS)
@@ -67,7 +67,7 @@ def test_a_wrapped_version1_checkpoint_still_loads_as_version1(tmp_path):
     _assert_same_state(model.state_dict(), theirs.state_dict())
 
 
-# --- item 4: the default BatchNorm momentum ---
+# --- the default BatchNorm momentum ---
 
 def test_default_bn_momentum_validates_above_chance_in_a_short_run(image_folder, tmp_path):
     """48 steps from scratch: at 0.01 the running statistics are still mostly their initial values and every
@@ -84,7 +84,7 @@ def test_launchers_pass_the_reference_recipes_bn_momentum(tmp_path):
     assert command[command.index("--bn-momentum") + 1] == "0.1"
 
 
-# --- item 5: --resume on a weights-only file ---
+# --- --resume on a weights-only file ---
 
 def test_resume_from_a_weights_only_file_is_one_line_naming_pretrained(image_folder, tmp_path, capsys):
     path = tmp_path / "weights.pth"
@@ -96,7 +96,7 @@ def test_resume_from_a_weights_only_file_is_one_line_naming_pretrained(image_fol
     assert summary["val_images"] == 15
 
 
-# --- item 6: --start-epoch ---
+# --- --start-epoch ---
 
 SHORT = ("--max-steps", "2", "--no-val")
 
@@ -123,7 +123,7 @@ def test_start_epoch_outside_the_run_is_an_error(image_folder, tmp_path, capsys,
                  f"--start-epoch {start} must be")
 
 
-# --- item 7: a new --lr on resume ---
+# --- a new --lr on resume ---
 
 def test_resume_with_another_lr_scales_the_schedule(image_folder, tmp_path):
     """The non-finite stop advises a lower --lr on resume: it must act. Without --lr, the checkpoint's holds."""
@@ -144,7 +144,7 @@ def test_resume_with_another_lr_scales_the_schedule(image_folder, tmp_path):
     assert saved["scheduler"]["base_lrs"] == pytest.approx([0.004, 0.004])
 
 
-# --- item 8: rank digests without validation ---
+# --- rank digests without validation ---
 
 def test_ranks_end_with_equal_digests_without_validation(image_folder, tmp_path):
     out = tmp_path / "ddp"
@@ -157,7 +157,7 @@ def test_ranks_end_with_equal_digests_without_validation(image_folder, tmp_path)
     assert logged_digest(out / "rank1.log", 1) == digest
 
 
-# --- issue 18 A: a version-1 stem, from --pretrained and through --resume ---
+# --- a version-1 stem, from --pretrained and through --resume ---
 
 V1_STEM_WEIGHT = "layers.0.weight"
 

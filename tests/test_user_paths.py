@@ -106,7 +106,7 @@ def test_fps_warmup_of_zero_or_one_measures_every_remaining_step(tmp_path, warmu
 
 @pytest.mark.parametrize("steps, measured", [("1", 1), ("3", 2)])
 def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measured):
-    """A fifth of 1-4 steps is 0 warm-up steps: the run used to crash; now the first of 2 or more is warm-up."""
+    """A fifth of 1-4 steps is 0 warm-up steps: with 2 or more steps the first is warm-up, with 1 none is."""
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"), "--device=cpu",
                              "--batch_size=8", f"--steps={steps}", "--workers=0", f"--output_root={tmp_path}", "--",

@@ -294,12 +294,12 @@ def write_jpeg_folder(root, classes, train_per_class, val_per_class, size):
 # --- sizes and the time plan ---
 
 # Seconds to start main.py (Python, torch, the device, a process group) and per training step at the sizes below,
-# then what the other work costs. CPU: measured here (2-core AMD EPYC VM, `--device cpu`, 2 gloo processes).
+# then what the other work costs. CPU: from `--device cpu` runs here (2-core AMD EPYC VM, 2 gloo processes).
 # GPU and NPU: not measured (no accelerator has run this yet); estimated from 2 x the CPU's process start-up plus
 # device initialisation, and mnasnet1_0 at batch 64 x 224 px in fp16 at a tenth of a second per step (cuDNN's
 # first-step autotuning included in the start-up). The run prints each check's measured time next to its estimate.
 COSTS = {
-    "cpu": dict(start=9.0, step=0.9, compile=60.0, bench=110.0, bench_e2e=120.0, jpeg_write=3.0),
+    "cpu": dict(start=8.0, step=0.5, compile=40.0, bench=90.0, bench_e2e=90.0, jpeg_write=3.0),
     "cuda": dict(start=25.0, step=0.1, compile=150.0, bench=120.0, bench_e2e=120.0, jpeg_write=8.0),
     "npu": dict(start=40.0, step=0.1, compile=0.0, bench=150.0, bench_e2e=150.0, jpeg_write=8.0),
 }
@@ -314,7 +314,7 @@ def settings(args, kind, count):
     elif kind == "cpu":
         sizes = dict(arch="mnasnet0_5", crop=64, batch=16, steps=8, epochs=2, stop_at=3, overflow_steps=16,
                      jpeg_size=64, jpeg_train=16, jpeg_val=4, jpeg_epochs=2, compile="inductor", workers=1, procs=2,
-                     bench=dict(arch="mnasnet0_5", crop=96, train_batch=16, eval_batch=32, steps=3, repeats=2,
+                     bench=dict(arch="mnasnet0_5", crop=64, train_batch=8, eval_batch=16, steps=2, repeats=1,
                                 images=8, workers=1))
     else:
         procs = 2 if count >= 2 else 1

@@ -29,7 +29,7 @@ import subprocess  # noqa: E402
 import onnx  # noqa: E402
 
 from export_onnx import INPUT_NAME  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils import UserError, exit_on_user_error  # noqa: E402
 
 ATC_LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 
@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--log", default="error", choices=ATC_LOG_LEVELS, help="ATC's log level")
     parser.add_argument("--print-only", action="store_true", help="print the commands even where ATC is installed")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         if not re.fullmatch(r"Ascend\w+", args.soc_version):
             raise UserError(f"--soc-version {args.soc_version!r} is not a chip name such as Ascend910B3 or "
                             "Ascend310P3 ('Ascend' + the Name that npu-smi info shows)")
@@ -116,9 +116,6 @@ def main(argv=None):
             if returncode != 0:
                 raise UserError(f"atc failed (exit status {returncode}) for batch size {size}: see its messages "
                                 "above")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
