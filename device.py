@@ -513,7 +513,13 @@ def collective_failure(exc, timeout):
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
+        # torch 2.6 and 2.7 free the process group holding the GIL (2.8 releases it: pytorch/pytorch#154976), and
+        # gloo's destructor waits for its worker threads; one still freeing the last collective's tensors needs the
+        # GIL: a deadlock (seen at the end of CPU evaluations). Holding gloo's backend moves its freeing to our
+        # `del`, which torch binds to release the GIL (unless a DDP wrapper still holds the group: after an error).
+        gloo = dist.group.WORLD._get_backend(torch.device("cpu")) if dist.get_backend() == "gloo" else None
         dist.destroy_process_group()
+        del gloo
 
 
 def _gradients_finite(optimizer):
