@@ -15,8 +15,6 @@
 Run as a script, it re-executes itself under tcmalloc or jemalloc when one is installed (see
 ``preload_fast_allocator``).
 """
-import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse
 import copy
 import ctypes.util
@@ -35,12 +33,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import data
-import device
-import engine
 import mnasnet
-import pipeline
-from utils import MetricSums
+from training import \
+    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
+from training import devices, distributed, engine, transforms
+from training.meters import MetricSums
+from training.precision import NativeAmp, Precision
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,17 +82,17 @@ def interleaved(runs, repeats):
 
 def pipeline_rates(paths, args):
     crop, resize = args.crop, args.crop * 8 // 7
-    standard_train = data.train_transform(crop)
-    standard_val = data.val_transform(resize, crop)
+    standard_train = transforms.train_transform(crop)
+    standard_val = transforms.val_transform(resize, crop)
     options = {
         "train standard (PIL, ToTensor, Normalize)": lambda p: standard_train(Image.open(p).convert("RGB")),
-        "train PIL, uint8 out": pipeline.FastTrain(crop, draft=False, small="pil"),
-        "train PIL draft(), uint8 out": pipeline.FastTrain(crop, small="pil"),
-        "train torchvision.io + tensor ops": pipeline.TensorTrain(crop),
-        "train fast (draft() large, torchvision.io small)": pipeline.FastTrain(crop),
+        "train PIL, uint8 out": transforms.FastTrain(crop, draft=False, small="pil"),
+        "train PIL draft(), uint8 out": transforms.FastTrain(crop, small="pil"),
+        "train torchvision.io + tensor ops": transforms.TensorTrain(crop),
+        "train fast (draft() large, torchvision.io small)": transforms.FastTrain(crop),
         "val standard (PIL, ToTensor, Normalize)": lambda p: standard_val(Image.open(p).convert("RGB")),
-        "val standard pixels, uint8 out": pipeline.FastVal(resize, crop),
-        "val fast (--fast-val)": pipeline.FastVal(resize, crop, fast=True),
+        "val standard pixels, uint8 out": transforms.FastVal(resize, crop),
+        "val fast (--fast-val)": transforms.FastVal(resize, crop, fast=True),
     }
 
     def timed(fn):
@@ -123,8 +121,8 @@ def step_rates(runtime, args):
     train_y = torch.randint(1000, (args.train_batch,), device=dev)
     eval_x = torch.randn(args.eval_batch, 3, args.crop, args.crop, device=dev)
     eval_y = torch.randint(1000, (args.eval_batch,), device=dev)
-    amp = device.NativeAmp(runtime.kind, "dynamic")
-    fp32 = device.Precision()
+    amp = NativeAmp(runtime.kind, "dynamic")
+    fp32 = Precision()
 
     def train(memory_format, precision, host_sync, compiled=False, prepare=True):
         net = copy.deepcopy(model).to(memory_format=memory_format)
@@ -181,7 +179,7 @@ def step_rates(runtime, args):
     }
     if args.amp and runtime.kind == "cpu":
         runs["train ours without --amp (fp32)"] = train(ours_format, fp32, False)
-        # What --amp would train in without device.NativeAmp.prepare: every layer bf16.
+        # What --amp would train in without NativeAmp.prepare: every layer bf16.
         runs["train ours, bf16 in every layer (not used)"] = train(ours_format, ours_precision, False, prepare=False)
     if args.compile:
         runs["train ours + torch.compile"] = train(ours_format, ours_precision, False, compiled=True)
@@ -281,9 +279,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the main.py runs
-    kind = device.resolve_device_kind(args.device)
+    kind = devices.resolve_device_kind(args.device)
     dev = torch.device(kind) if kind == "cpu" else torch.device(kind, 0)
-    runtime = device.Runtime(kind, dev, memory_format=device._memory_format("auto", kind))
+    runtime = distributed.Runtime(kind, dev, memory_format=devices.memory_format("auto", kind))
     result = {"machine": {"platform": platform.platform(), "cpu": platform.processor(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "ld_preload": os.environ.get("LD_PRELOAD", ""), "device": str(dev),

@@ -6,17 +6,16 @@
 Names are the class folder names stored in our checkpoints; a 1000-class model whose file names none, or
 whose folders are WordNet ids (n01440764 ...), gets the ImageNet names torchvision ships.
 """
-import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse
 import re
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import checkpoint
-import data
-from utils import UserError, exit_on_user_error
+from training import \
+    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
+from training import checkpoint, transforms
+from training.utils import UserError, exit_on_user_error
 
 IMAGENET_CLASSES = 1000
 _WORDNET_ID = re.compile(r"n\d{8}")
@@ -43,7 +42,7 @@ def eval_sizes(saved):
     """The resize, crop and interpolation the model was validated with, when the checkpoint recorded them."""
     args = saved.get("args") if isinstance(saved, dict) else None
     args = args if isinstance(args, dict) else {}
-    interpolation = args.get("interpolation") if args.get("interpolation") in data.INTERPOLATIONS else "bilinear"
+    interpolation = args.get("interpolation") if args.get("interpolation") in transforms.INTERPOLATIONS else "bilinear"
     return args.get("val_resize_size") or 256, args.get("val_crop_size") or 224, interpolation
 
 
@@ -76,7 +75,7 @@ def main(argv=None):
     with exit_on_user_error():
         model, saved = checkpoint.load_model(args.checkpoint, args.arch)
         names = class_names(saved, model.num_classes)
-        transform = data.val_transform(*eval_sizes(saved))
+        transform = transforms.val_transform(*eval_sizes(saved))
         for path, top in classify(model, names, args.images, transform, args.topk):
             print(path)
             for probability, name in top:

@@ -7,16 +7,16 @@ Reads our checkpoints, ``module.``-prefixed ones and torchvision's state dicts. 
 reference's pthtar2onnx.py. For Ascend offline inference, tools/onnx_to_om.sh turns the file into .om models with
 ATC, one per batch size (``--input_shape="input:16,3,224,224"``).
 """
-import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse
 import os
 import warnings
 
 import torch
 
-import checkpoint
-from utils import exit_on_user_error
+from training import \
+    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
+from training import checkpoint
+from training.utils import exit_on_user_error
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 

@@ -10,8 +10,6 @@ Read top to bottom: main() parses and launches one process per device, train() i
 functions after it come in the order train() calls them; ``Run`` holds what a run builds, and saves and stops it.
 The options and their checks are in options.py.
 """
-import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse
 import dataclasses
 import json
@@ -24,29 +22,24 @@ import time
 import torch
 import torch.nn as nn
 
-import checkpoint
-import data
-import device
-import engine
-import metrics
 import mnasnet
-import named_weights
-import pipeline
-import prefetch
-import profiling
-import recipe
-from options import check_args, parse_args
-from utils import UserError, epoch_seed, exit_on_user_error, seed_everything, setup_logging, state_digest
+from training import \
+    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
+from training import (checkpoint, data, distributed, engine, meters, metrics, named_weights, pipeline, prefetch,
+                      profiling, recipe, transforms)
+from training.options import check_args, parse_args
+from training.precision import Precision, build_precision
+from training.utils import UserError, epoch_seed, exit_on_user_error, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
 
 
 def main(argv=None):
-    """Parse and check the command line, then run main_worker in each process (device.launch)."""
+    """Parse and check the command line, then run main_worker in each process (distributed.launch)."""
     args = parse_args(argv)
     with exit_on_user_error():
         check_args(args)
-        device.launch(main_worker, args)
+        distributed.launch(main_worker, args)
 
 
 def main_worker(local_rank, args):
@@ -55,7 +48,7 @@ def main_worker(local_rank, args):
         with exit_on_user_error(), engine.StopRequest() as stop:
             train(local_rank, args, stop)
     except RuntimeError as exc:
-        message = device.collective_failure(exc, args.dist_timeout)
+        message = distributed.collective_failure(exc, args.dist_timeout)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -63,7 +56,7 @@ def main_worker(local_rank, args):
     finally:
         # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.
         data.close_loaders()
-        device.cleanup()
+        distributed.cleanup()
 
 
 def train(local_rank, args, stop):
@@ -87,7 +80,7 @@ def train(local_rank, args, stop):
 
 def set_up_process(args, local_rank):
     """This process's device, process group, logging, threads and seed: (runtime, log)."""
-    runtime = device.setup_runtime(args, local_rank)
+    runtime = distributed.setup_runtime(args, local_rank)
     log = setup_logging(args.output_dir, args.log_file, runtime.rank)
     if runtime.kind == "cpu" and runtime.distributed and "OMP_NUM_THREADS" not in os.environ:
         # Processes sharing one machine's cores: one share each, or their OpenMP threads fight.
@@ -108,7 +101,7 @@ def usable_cpus():
 def cpus_per_process(runtime):
     """This process's share: its CPUs split between the processes on this node (not the whole job's); srun's
     --cpus-per-task when given, which is already one task's share."""
-    if device.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+    if distributed.launched_by_slurm() and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable_cpus()))
     return max(1, usable_cpus() // runtime.local_world_size)
 
@@ -151,8 +144,8 @@ def build_run(args, runtime, log, stop, classes, run_start):
     model = build_model(args, runtime, num_classes, log)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(runtime.device)
     params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
-    optimizer = device.build_optimizer(runtime.kind, params, args)
-    model, optimizer, precision = device.build_precision(runtime.kind, model, optimizer, args)
+    optimizer = recipe.build_optimizer(runtime.kind, params, args)
+    model, optimizer, precision = build_precision(runtime.kind, model, optimizer, args)
     log.info(f"=> precision: {precision.name}, memory format: {str(runtime.memory_format).replace('torch.', '')}")
     log.info(f"=> kernel settings: {runtime.kernel_settings}")
     model_without_ddp = model
@@ -166,9 +159,9 @@ def build_run(args, runtime, log, stop, classes, run_start):
     class_names = list(classes) if args.data_dir is not None else None
     return Run(args=args, runtime=runtime, log=log, stop=stop, started=run_start, model=model,
                model_without_ddp=model_without_ddp, ema=ema, criterion=criterion, optimizer=optimizer,
-               precision=precision, mix=data.batch_mix(num_classes, args.mixup, args.cutmix),
+               precision=precision, mix=transforms.batch_mix(num_classes, args.mixup, args.cutmix),
                num_classes=num_classes, class_names=class_names,
-               throughput=engine.ThroughputMeter(args.fps_warmup_steps))
+               throughput=meters.ThroughputMeter(args.fps_warmup_steps))
 
 
 def build_model(args, runtime, num_classes, log):
@@ -315,7 +308,7 @@ def new_summary(args, runtime):
             "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
             "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
             "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": [],
-            **breakdown_summary(engine.StepBreakdown())}
+            **breakdown_summary(meters.StepBreakdown())}
 
 
 def evaluate_only(run, val_loader):
@@ -343,7 +336,7 @@ def train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, star
         epoch_start, epoch_lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
         if first_step >= run.steps_per_epoch:
             # The interrupted run trained this epoch to its end: it is validated and recorded with the saved figures.
-            train_stats = {**run.trained_epoch, "breakdown": engine.StepBreakdown()}
+            train_stats = {**run.trained_epoch, "breakdown": meters.StepBreakdown()}
             epoch_lr, train_seconds = run.trained_epoch["lr"], run.trained_epoch["seconds"]
         else:
             train_stats = engine.train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler,
@@ -441,7 +434,7 @@ class Run:
     and/or compiled wrapper); checkpoints hold ``model_without_ddp``. ``scheduler`` and ``steps_per_epoch`` come
     with the training loader (``schedule``), ``summary`` once the start point is known."""
     args: argparse.Namespace
-    runtime: device.Runtime
+    runtime: distributed.Runtime
     log: logging.Logger
     stop: engine.StopRequest
     started: float  # time.perf_counter() at the run's start
@@ -450,17 +443,17 @@ class Run:
     ema: object  # torch.optim.swa_utils.AveragedModel with --model-ema, else None
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
-    precision: device.Precision
-    mix: object  # data.batch_mix: MixUp/CutMix, or None
+    precision: Precision
+    mix: object  # transforms.batch_mix: MixUp/CutMix, or None
     num_classes: int
     class_names: list  # the class folders' names; None for the built-in data sets
-    throughput: engine.ThroughputMeter
+    throughput: meters.ThroughputMeter
     scheduler: object = None
     steps_per_epoch: int = 1
     summary: dict = None
     best_acc1: float = 0.0
     metrics_log: metrics.MetricsLog = None
-    breakdown: engine.StepBreakdown = dataclasses.field(default_factory=engine.StepBreakdown)
+    breakdown: meters.StepBreakdown = dataclasses.field(default_factory=meters.StepBreakdown)
     slow_loader_said: bool = False
     # The figures of an epoch trained to its last step and not yet validated: saved with a stop there, so that the
     # resumed run validates and records that epoch.

@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-import data  # noqa: E402
+from training import demo  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -20,7 +20,7 @@ CLASS_COLOURS = {"n01_red": (200, 40, 40), "n02_green": (40, 190, 60), "n03_blue
 
 
 def write_image_folder(root, train_per_class=12, val_per_class=5, size=40, seed=0, classes=CLASS_COLOURS):
-    return data.write_striped_folder(root, classes, train_per_class, val_per_class, size, seed=seed)
+    return demo.write_striped_folder(root, classes, train_per_class, val_per_class, size, seed=seed)
 
 
 @pytest.fixture(scope="session")

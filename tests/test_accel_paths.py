@@ -14,16 +14,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import data
-import device
-import engine
 import main
 import mnasnet
-import pipeline
-import prefetch
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main
-from utils import UserError
+from training import data, devices, distributed, engine, pipeline, prefetch
+from training.utils import UserError
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import device_check  # noqa: E402
@@ -86,7 +82,7 @@ def test_gpu_pipeline_file_bytes_cross_from_a_loader_worker(image_folder):
 
 
 def _cpu_runtime():
-    return device.Runtime("cpu", torch.device("cpu"), memory_format=torch.channels_last)
+    return distributed.Runtime("cpu", torch.device("cpu"), memory_format=torch.channels_last)
 
 
 def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, caplog):
@@ -166,7 +162,7 @@ def _recording_streams(monkeypatch, events):
     compute, side = Stream("compute"), Stream("side")
     fake = types.SimpleNamespace(Stream=lambda dev: side, current_stream=lambda dev=None: compute,
                                  stream=lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(device, "device_module", lambda kind: fake if kind == "fake" else None)
+    monkeypatch.setattr(devices, "device_module", lambda kind: fake if kind == "fake" else None)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append(f"record on {s.name}"),
                         raising=False)
 
@@ -194,14 +190,14 @@ def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch, kernel_flags):
         monkeypatch.delenv(name, raising=False)
     torch.backends.cudnn.benchmark = False
     fake_cuda = types.SimpleNamespace(set_device=lambda dev: None, device_count=lambda: 1)
-    monkeypatch.setattr(device, "device_module", lambda kind: fake_cuda)
+    monkeypatch.setattr(devices, "device_module", lambda kind: fake_cuda)
     args = argparse.Namespace(device_kind="cpu", device_ids=[0], multiprocessing_distributed=False,
                               memory_format="auto", npu_jit_compile="auto", npu_internal_format="auto", tf32="auto",
                               deterministic=False)
-    device.setup_runtime(args, 0)
+    distributed.setup_runtime(args, 0)
     assert torch.backends.cudnn.benchmark is False
     args.device_kind = "cuda"
-    assert device.setup_runtime(args, 0).device == torch.device("cuda", 0)
+    assert distributed.setup_runtime(args, 0).device == torch.device("cuda", 0)
     assert torch.backends.cudnn.benchmark is True
 
 
@@ -222,7 +218,7 @@ def test_fuse_bn_folds_sync_batchnorm_and_scores_the_same():
 
 
 def test_compile_on_npu_is_refused_naming_torch_npus_backends(monkeypatch, tmp_path):
-    monkeypatch.setattr(device, "resolve_device_kind", lambda requested: "npu")
+    monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "npu")
     args = main.parse_args(["--dummy", "--compile", "--output-dir", str(tmp_path)])
     with pytest.raises(UserError) as error:
         main.check_args(args)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from utils import UserError
+from training import data, demo, transforms
+from training.utils import UserError
 
 
 def _save(path, mode, size=(20, 24), fmt=None):
@@ -42,7 +42,7 @@ def folder(tmp_path):
 
 
 def test_image_folders_load_rgb_and_share_train_labels(folder):
-    train_set, val_set = data.image_folders(folder, data.train_transform(64), data.val_transform(72, 64))
+    train_set, val_set = data.image_folders(folder, transforms.train_transform(64), transforms.val_transform(72, 64))
     assert train_set.classes == val_set.classes == ["cat", "dog", "fish"]
     assert len(train_set) == 9 and len(val_set) == 3
     assert sorted(label for _, label in val_set.samples) == [0, 2, 2]
@@ -64,8 +64,8 @@ def test_val_labels_follow_train_class_names(tmp_path):
 def test_transforms_accept_grey_cmyk_palette_images():
     for mode in ("L", "CMYK", "P", "RGBA"):
         image = Image.new(mode, (30, 20))
-        assert data.train_transform(64, scale=(0.35, 1.0))(image).shape == (3, 64, 64)
-        assert data.val_transform(64, 64)(image).shape == (3, 64, 64)
+        assert transforms.train_transform(64, scale=(0.35, 1.0))(image).shape == (3, 64, 64)
+        assert transforms.val_transform(64, 64)(image).shape == (3, 64, 64)
 
 
 @pytest.mark.parametrize("layout, named", [
@@ -125,9 +125,9 @@ def test_prepare_demo_folder_is_complete_and_idempotent(tmp_path):
     from sklearn.datasets import load_digits
 
     root = tmp_path / "cache" / "digits"
-    assert data.prepare_demo_folder(root) == str(root)
+    assert demo.prepare_demo_folder(root) == str(root)
     per_class = np.bincount(load_digits().target)
-    expected_val = [round(n * data.DEMO_VAL_FRACTION) for n in per_class]
+    expected_val = [round(n * demo.DEMO_VAL_FRACTION) for n in per_class]
     counts = {}
     for split in ("train", "val"):
         assert sorted(os.listdir(root / split)) == [str(d) for d in range(10)]
@@ -135,12 +135,12 @@ def test_prepare_demo_folder_is_complete_and_idempotent(tmp_path):
     assert counts["val"] == expected_val
     assert [t + v for t, v in zip(counts["train"], counts["val"])] == list(per_class)
     with Image.open(next((root / "val" / "3").iterdir())) as image:
-        assert image.mode == "RGB" and image.size == (data.DEMO_IMAGE_SIZE, data.DEMO_IMAGE_SIZE)
+        assert image.mode == "RGB" and image.size == (demo.DEMO_IMAGE_SIZE, demo.DEMO_IMAGE_SIZE)
     assert os.listdir(root.parent) == ["digits"]
 
     files = sorted(str(p) for p in root.rglob("*"))
     mtimes = [os.stat(p).st_mtime_ns for p in files]
-    assert data.prepare_demo_folder(str(root)) == str(root)
+    assert demo.prepare_demo_folder(str(root)) == str(root)
     assert sorted(str(p) for p in root.rglob("*")) == files
     assert [os.stat(p).st_mtime_ns for p in files] == mtimes
 
@@ -152,7 +152,7 @@ def test_prepare_demo_folder_distrusts_a_half_written_folder(tmp_path):
     root = tmp_path / "digits"
     _folder(root, {"train": {"0": 1}})
     with pytest.raises(UserError, match=str(root)):
-        data.prepare_demo_folder(root)
+        demo.prepare_demo_folder(root)
 
 
 def test_build_loader_seeded_shuffle_and_augmentation_repeat(folder):
@@ -163,7 +163,7 @@ def test_build_loader_seeded_shuffle_and_augmentation_repeat(folder):
     other = [int(i) for batch in data.build_loader(ids, 4, 0, shuffle=True, seed=8) for i in batch]
     assert other != orders[0]
 
-    train_set, _ = data.image_folders(folder, data.train_transform(64), None)
+    train_set, _ = data.image_folders(folder, transforms.train_transform(64), None)
     runs = []
     for _ in range(2):
         loader = data.build_loader(train_set, 3, 1, shuffle=True, drop_last=True, seed=5)
@@ -174,7 +174,7 @@ def test_build_loader_seeded_shuffle_and_augmentation_repeat(folder):
 
 
 def test_build_loader_with_sampler(folder):
-    _, val_set = data.image_folders(folder, None, data.val_transform(64, 64))
+    _, val_set = data.image_folders(folder, None, transforms.val_transform(64, 64))
     loader = data.build_loader(val_set, 2, 0, sampler=data.EvalShardSampler(val_set, 2, 1))
     assert not loader.persistent_workers
     assert [y.tolist() for _, y in loader] == [[val_set.samples[1][1]]]

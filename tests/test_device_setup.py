@@ -1,4 +1,4 @@
-"""How a process finds its device, its peers and its share of the CPUs (device.py's runtime setup, main.py's
+"""How a process finds its device, its peers and its share of the CPUs (distributed.py's runtime setup, main.py's
 defaults, the launchers' NPU environment): a torch_npu that cannot load, rendezvous mistakes, one visible device
 per process, CPUs per node, and which errors count as a failed collective."""
 import argparse
@@ -13,15 +13,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import device
 import main
 from conftest import ROOT, tiny_flags
 from test_main import expect_error
+from training import distributed
+from training.utils import UserError
 
 # A torch_npu distribution that registers the wheel's torch.backends entry point and, like the real one without
 # CANN's environment, cannot load (tests/standins/torch_npu_site/torch_npu/__init__.py).
 BROKEN_NPU_SITE = os.path.join(ROOT, "tests", "standins", "torch_npu_site")
-LAUNCHER_VARIABLES = (*device.TORCHRUN_VARIABLES, "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_VARIABLES = (*distributed.TORCHRUN_VARIABLES, "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ONE_STEP = ["--dummy", "--dummy-images", "16", "-a", "mnasnet0_5", "-j", "0", "--train-crop-size", "48",
             "--val-resize-size", "52", "--val-crop-size", "48", "-b", "8", "--epochs", "1", "--max-steps", "1",
             "--no-val", "--no-checkpoint"]
@@ -170,7 +171,7 @@ def test_env_npu_sourced_under_set_e_survives_msnpureport_failing(tmp_path):
 def refuse_to_start(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("processes were started")
-    monkeypatch.setattr(device.mp, "start_processes", fail)
+    monkeypatch.setattr(distributed.mp, "start_processes", fail)
     monkeypatch.setattr(main, "train", fail)
 
 
@@ -260,7 +261,7 @@ def cuda_standin(monkeypatch, kernel_flags):
 def test_one_visible_device_is_used_by_any_local_rank(cuda_standin, no_launcher):
     bound = cuda_standin(1)  # CUDA_VISIBLE_DEVICES=5 for this process: local rank 1 sees its own GPU, as device 0
     no_launcher.setenv("CUDA_VISIBLE_DEVICES", "5")
-    runtime = device.setup_runtime(device_args(), local_rank=1)
+    runtime = distributed.setup_runtime(device_args(), local_rank=1)
     assert runtime.device == torch.device("cuda", 0) and bound == [torch.device("cuda", 0)]
 
 
@@ -268,16 +269,16 @@ def test_several_processes_on_a_host_with_one_device_is_an_error(cuda_standin, n
     """Not every rank bound to the one device, which fails only at the first collective, misleadingly."""
     cuda_standin(1)
     no_launcher.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with pytest.raises(device.UserError, match="local rank 1 has no device"):
-        device.setup_runtime(device_args(), local_rank=1)
+    with pytest.raises(UserError, match="local rank 1 has no device"):
+        distributed.setup_runtime(device_args(), local_rank=1)
 
 
 def test_several_visible_devices_are_shared_out_by_local_rank(cuda_standin, no_launcher):
     bound = cuda_standin(4)
-    runtime = device.setup_runtime(device_args(device_ids=[2, 3]), local_rank=1)
+    runtime = distributed.setup_runtime(device_args(device_ids=[2, 3]), local_rank=1)
     assert runtime.device == torch.device("cuda", 3) and bound == [torch.device("cuda", 3)]
-    with pytest.raises(device.UserError, match="local rank 2 has no device"):
-        device.setup_runtime(device_args(device_ids=[2, 3]), local_rank=2)
+    with pytest.raises(UserError, match="local rank 2 has no device"):
+        distributed.setup_runtime(device_args(device_ids=[2, 3]), local_rank=2)
 
 
 # --- CPUs per process ---
@@ -301,14 +302,14 @@ def test_loader_workers_share_this_nodes_cpus(no_launcher, variables, args, work
         no_launcher.setenv(name, value)
     no_launcher.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     no_launcher.setattr(dist, "init_process_group", lambda *a, **k: None)  # this test is about the CPUs
-    runtime = device.setup_runtime(device_args(device_kind="cpu", **args), local_rank=1)
+    runtime = distributed.setup_runtime(device_args(device_kind="cpu", **args), local_rank=1)
     assert runtime.world_size > 1
     assert main.default_workers(runtime) == workers
 
 
 def test_cpus_follow_the_affinity_mask(no_launcher):
     no_launcher.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
-    runtime = device.setup_runtime(device_args(device_kind="cpu"), local_rank=0)
+    runtime = distributed.setup_runtime(device_args(device_kind="cpu"), local_rank=0)
     assert main.default_workers(runtime) == 4
 
 
@@ -337,7 +338,7 @@ def two_ranks(monkeypatch):
                  "ERR02200 DIST call hccl api failed."),
 ])
 def test_collective_failures_are_one_line(two_ranks, exc):
-    message = device.collective_failure(exc, 1800)
+    message = distributed.collective_failure(exc, 1800)
     assert message.startswith("rank 1 of 2: a collective operation failed (") and "\n" not in message
     assert "/gloo/" not in message
 
@@ -350,7 +351,7 @@ def test_collective_failures_are_one_line(two_ranks, exc):
     ValueError("not a RuntimeError"),
 ])
 def test_other_errors_keep_their_own_message(two_ranks, exc):
-    assert device.collective_failure(exc, 1800) is None
+    assert distributed.collective_failure(exc, 1800) is None
 
 
 @pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py",

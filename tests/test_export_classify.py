@@ -8,11 +8,11 @@ import pytest
 import torch
 import torchvision
 
-import checkpoint
 import classify
 import export_onnx
 from conftest import CLASS_COLOURS, tiny_flags
 from test_main import run_main
+from training import checkpoint
 
 SIZE = 64
 

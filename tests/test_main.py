@@ -10,12 +10,10 @@ import pytest
 import torch
 import torchvision
 
-import data
-import device
-import engine
 import main
 from conftest import ROOT, tiny_flags
-from utils import state_digest
+from training import demo, engine, recipe
+from training.utils import state_digest
 
 
 def run_main(*argv):
@@ -233,10 +231,10 @@ def test_bf16_evaluation_scores_like_fp32(trained, image_folder, tmp_path):
 
 
 def test_demo_defaults_apply_only_without_data():
-    demo = main.parse_args([])
-    assert all(getattr(demo, key) == value for key, value in data.DEMO_DEFAULTS.items())
+    demo_args = main.parse_args([])
+    assert all(getattr(demo_args, key) == value for key, value in demo.DEMO_DEFAULTS.items())
     explicit = main.parse_args(["--epochs", "2", "-a", "mnasnet1_3"])
-    assert (explicit.epochs, explicit.arch, explicit.lr) == (2, "mnasnet1_3", data.DEMO_DEFAULTS["lr"])
+    assert (explicit.epochs, explicit.arch, explicit.lr) == (2, "mnasnet1_3", demo.DEMO_DEFAULTS["lr"])
     for argv in (["/data/imagenet"], ["--dummy"]):
         args = main.parse_args(argv)
         assert (args.arch, args.epochs, args.lr, args.train_crop_size) == ("mnasnet1_0", 90, 0.1, 224)
@@ -290,10 +288,10 @@ def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, ima
 def test_sgd_is_fused_on_cuda_unless_apex_wraps_it():
     args = main.parse_args(["--dummy"])
     params = [torch.nn.Parameter(torch.ones(2))]
-    assert device.build_optimizer("cuda", params, args).param_groups[0]["fused"]
-    assert not device.build_optimizer("cpu", params, args).param_groups[0]["fused"]
+    assert recipe.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+    assert not recipe.build_optimizer("cpu", params, args).param_groups[0]["fused"]
     args.amp, args.amp_backend = True, "apex"
-    assert not device.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+    assert not recipe.build_optimizer("cuda", params, args).param_groups[0]["fused"]
 
 
 def test_a_cuda_checkpoint_resumes_with_this_devices_optimizer_kernels(trained, image_folder, tmp_path, monkeypatch):

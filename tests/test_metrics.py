@@ -4,10 +4,9 @@ import csv
 import pytest
 from PIL import Image
 
-import checkpoint
-import metrics
 from conftest import tiny_flags
 from test_main import run_main
+from training import checkpoint, metrics
 
 
 def read_csv(path):
@@ -93,8 +92,7 @@ def test_plot_of_a_missing_file_is_one_line(tmp_path, capsys):
 
 
 def test_progress_bar_on_a_terminal_only(image_folder, tmp_path, capsys, monkeypatch):
-    import engine
-    import utils
+    from training import engine, utils
     run_main(image_folder, *tiny_flags(tmp_path / "pipe", "--epochs", "1", "--max-steps", "2", "--no-checkpoint"))
     assert "img/s" not in capsys.readouterr().out
     monkeypatch.setattr(utils, "interactive", lambda: True)

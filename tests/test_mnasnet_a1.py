@@ -5,19 +5,17 @@ import torch
 import torchvision
 from torch import nn
 
-import checkpoint
-import device
-import engine
 import export_onnx
 import mnasnet
-import timm_keys
 from conftest import tiny_flags
 from test_export_classify import onnx_matches_torch
 from test_launchers import NETWORK, launch_ok, read_case
 from test_main import expect_error, run_main
 from test_model import _randomize
 from test_speed import ConvolutionDtypes, bf16_cpu  # noqa: F401  (bf16_cpu: a fixture)
-from utils import UserError
+from training import checkpoint, engine, timm_keys
+from training.precision import NativeAmp
+from training.utils import UserError
 
 # Ours and timm's name for each A1 width, with the parameter count both have (1000 classes).
 A1_PAIRS = {
@@ -177,7 +175,7 @@ def test_cpu_amp_runs_a1_depthwise_convolutions_in_fp32(bf16_cpu):  # noqa: F811
     """NativeAmp.prepare finds A1's 16 depthwise convolutions (not the squeeze-excite's 1x1s): fp32 forward and
     backward in training, everything else bf16."""
     model = mnasnet.mnasnet_a1_0_75(num_classes=3).train()
-    precision = device.NativeAmp("cpu", "dynamic")
+    precision = NativeAmp("cpu", "dynamic")
     precision.prepare(model)
     with ConvolutionDtypes() as convolutions:
         with precision.autocast():

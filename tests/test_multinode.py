@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import device
 from conftest import ROOT, tiny_flags
 from test_main import expect_error
-from utils import state_digest
+from training import checkpoint, distributed
+from training.utils import state_digest
 
-LAUNCHER_VARIABLES = (*device.TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_VARIABLES = (*distributed.TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra):
@@ -111,4 +110,4 @@ def test_launcher_ranks(monkeypatch, variables, expected):
             monkeypatch.delenv(name)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    assert device.launcher_ranks() == expected
+    assert distributed.launcher_ranks() == expected

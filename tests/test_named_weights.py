@@ -13,13 +13,10 @@ import torchvision
 from PIL import Image
 
 import classify
-import data
 import main
-import named_weights
-import options
-import pipeline
 from conftest import ROOT, tiny_flags
-from utils import UserError
+from training import named_weights, options, pipeline, transforms
+from training.utils import UserError
 
 TIMM_TAG = "mnasnet_100.rmsp_in1k"  # timm's only published B1; its mnasnet_050 has no weights
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -164,7 +161,7 @@ def test_timm_weights_end_to_end(image_folder, tmp_path, arch, tag):
     reference = timm.create_model(tag.split(".")[0], num_classes=3, pretrained=True,
                                   pretrained_cfg_overlay={"file": hf_cache_file(hub_cache, f"timm/{tag}"),
                                                           "num_classes": 3}).eval()
-    transform = data.val_transform(73, 64, "bicubic")
+    transform = transforms.val_transform(73, 64, "bicubic")
     val = torchvision.datasets.ImageFolder(os.path.join(image_folder, "val"), transform)
     images, labels = zip(*[val[i] for i in range(len(val))])
     with torch.no_grad():
@@ -254,7 +251,7 @@ def _reference(path, interpolation, pil):
     return steps(torchvision.io.decode_image(str(path)))
 
 
-@pytest.mark.parametrize("interpolation", data.INTERPOLATIONS)
+@pytest.mark.parametrize("interpolation", transforms.INTERPOLATIONS)
 @pytest.mark.parametrize("name", pipeline.PIPELINES)
 def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tmp_path, name, interpolation):
     """Built as main.py builds them (--fast-val: each pipeline's own validation path, not PIL's)."""
@@ -266,7 +263,7 @@ def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tm
     _, val_set = main.build_datasets(args)
     _, val_loader, _ = main.build_loaders(None, val_set, _cpu_runtime(), args, log=None)
     images, _ = next(iter(val_loader))
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None], torch.tensor(transforms.IMAGENET_STD)[:, None, None]
     pixels = (images[0].float() * std + mean) * 255
 
     path = photo_folder / "val" / "n01" / "photo.JPEG"

@@ -7,13 +7,12 @@ import zipfile
 import pytest
 import torch
 
-import checkpoint
-import device
 import main
 from conftest import ROOT, tiny_flags
 from standins import apex_amp, npu_serialization
 from test_main import run_main
-from utils import UserError
+from training import checkpoint, devices
+from training.utils import UserError
 
 LOADS = {"torch": torch.load, "torch_npu": npu_serialization.load}
 
@@ -99,15 +98,15 @@ def ascend_apex_on_cpu(monkeypatch):
     """apex.amp (the stand-in of Ascend apex master) initialised as on an NPU (combine_grad), on a run whose checks
     see a GPU machine and which then trains on the CPU."""
     apex_amp.install(monkeypatch)
-    monkeypatch.setattr(device, "resolve_device_kind", lambda requested: "cuda")
-    monkeypatch.setattr(device, "device_count", lambda kind: 1)
-    check_args, build_precision = main.check_args, device.build_precision
+    monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
+    monkeypatch.setattr(devices, "device_count", lambda kind: 1)
+    check_args, build_precision = main.check_args, main.build_precision
 
     def checked_then_on_the_cpu(args):
         check_args(args)
         args.device_kind = "cpu"
     monkeypatch.setattr(main, "check_args", checked_then_on_the_cpu)
-    monkeypatch.setattr(device, "build_precision", lambda kind, *rest: build_precision("npu", *rest))
+    monkeypatch.setattr(main, "build_precision", lambda kind, *rest: build_precision("npu", *rest))
 
 
 def test_the_stand_in_module_zero_grad_refuses_set_to_none(monkeypatch):

@@ -1,4 +1,4 @@
-"""Kernel settings (--npu-jit-compile, --npu-internal-format, --tf32), set in device.setup_runtime and logged; and
+"""Kernel settings (--npu-jit-compile, --npu-internal-format, --tf32), set in distributed.setup_runtime and logged; and
 tools/onnx_to_om.py, which turns export_onnx.py's file into ATC commands for Ascend offline inference."""
 import os
 import shlex
@@ -10,13 +10,13 @@ import onnx
 import pytest
 import torch
 
-import device
 import export_onnx
 import mnasnet
 from conftest import ROOT, tiny_flags
 from standins.npu_settings import npu_module
 from test_device_setup import device_args, no_launcher  # noqa: F401  (a fixture)
 from test_main import run_main
+from training import devices, distributed
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import onnx_to_om  # noqa: E402
@@ -29,12 +29,12 @@ def fake_npu(monkeypatch, no_launcher):  # noqa: F811
     """torch.npu as torch_npu 2.14.0 makes it, for kernel settings (tests/standins/npu_settings.py). torch's
     privateuse1 backend is not renamed "npu", as torch_npu does: that cannot be undone, and the rest of the test
     process would then look for a torch.npu module (torch.random.fork_rng does), so the settings are applied
-    through device.apply_kernel_settings, which setup_runtime calls, rather than through setup_runtime."""
+    through devices.apply_kernel_settings, which setup_runtime calls, rather than through setup_runtime."""
 
     def install(binary_by_default):
         module, options, bound = npu_module(binary_by_default)
         monkeypatch.setattr(torch, "npu", module, raising=False)
-        monkeypatch.setattr(device, "_import_torch_npu", lambda: True)
+        monkeypatch.setattr(devices, "import_torch_npu", lambda: True)
         return options, bound
     return install
 
@@ -58,7 +58,7 @@ def fake_npu(monkeypatch, no_launcher):  # noqa: F811
 ])
 def test_npu_settings_go_through_torch_npus_own_names(fake_npu, binary_by_default, flags, options, described):
     set_options, _ = fake_npu(binary_by_default)
-    assert device.apply_kernel_settings("npu", device_args(device_kind="npu", **flags)) == described
+    assert devices.apply_kernel_settings("npu", device_args(device_kind="npu", **flags)) == described
     assert set_options == options
 
 
@@ -96,7 +96,7 @@ def cuda_flags(monkeypatch, no_launcher, kernel_flags):  # noqa: F811
 ])
 def test_tf32_sets_cudnn_and_cublas_flags(cuda_flags, tf32, before, after):
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    runtime = device.setup_runtime(device_args(tf32=tf32), local_rank=0)
+    runtime = distributed.setup_runtime(device_args(tf32=tf32), local_rank=0)
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == after
     words = {True: "on", False: "off"}
     assert runtime.kernel_settings.startswith(f"TF32 convolutions {words[after[0]]}, TF32 matmuls {words[after[1]]}"
@@ -107,7 +107,7 @@ def test_tf32_sets_cudnn_and_cublas_flags(cuda_flags, tf32, before, after):
 def test_deterministic_turns_cudnn_autotuning_off_and_deterministic_kernels_on(cuda_flags, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that undo removes what the code sets
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    runtime = device.setup_runtime(device_args(deterministic=True), local_rank=0)
+    runtime = distributed.setup_runtime(device_args(deterministic=True), local_rank=0)
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
@@ -115,7 +115,7 @@ def test_deterministic_turns_cudnn_autotuning_off_and_deterministic_kernels_on(c
 
 
 def test_npu_flags_on_a_gpu_are_noted_as_ignored(cuda_flags):
-    runtime = device.setup_runtime(device_args(npu_jit_compile="off", npu_internal_format="on"), local_rank=0)
+    runtime = distributed.setup_runtime(device_args(npu_jit_compile="off", npu_internal_format="on"), local_rank=0)
     assert runtime.kernel_settings.endswith(
         "(--npu-jit-compile off, --npu-internal-format on: not for cuda runs, ignored)")
 

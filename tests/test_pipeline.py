@@ -9,11 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import device
 import mnasnet
-import pipeline
-import prefetch
+from training import data, devices, distributed, pipeline, prefetch, transforms
 
 CROP = 48
 
@@ -40,8 +37,8 @@ def photos(tmp_path_factory):
 
 def _as_pixels(normalised):
     """Normalised float image -> 0..255 pixel scale, to state tolerances in grey levels."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(transforms.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(transforms.IMAGENET_STD).view(3, 1, 1)
     return (normalised * std + mean) * 255
 
 
@@ -54,13 +51,13 @@ def _draws(transform, arg, seeds):
 
 
 def _standard_train(path):
-    return data.train_transform(CROP, scale=(0.08, 1.0))(Image.open(path))
+    return transforms.train_transform(CROP, scale=(0.08, 1.0))(Image.open(path))
 
 
 @pytest.mark.parametrize("fast, mean_levels", [
-    (pipeline.FastTrain(CROP, draft=False, small="pil"), 0.5),   # one resize(box=) instead of crop + resize
-    (pipeline.TensorTrain(CROP), 0.5),                           # torchvision.io decode, tensor antialias resize
-    (pipeline.FastTrain(CROP), 2.0),                             # + reduced-size JPEG decode
+    (transforms.FastTrain(CROP, draft=False, small="pil"), 0.5),   # one resize(box=) instead of crop + resize
+    (transforms.TensorTrain(CROP), 0.5),                           # torchvision.io decode, tensor antialias resize
+    (transforms.FastTrain(CROP), 2.0),                             # + reduced-size JPEG decode
 ])
 def test_fast_train_crops_match_standard(photos, fast, mean_levels):
     for path in photos:
@@ -74,19 +71,19 @@ def test_fast_train_crops_match_standard(photos, fast, mean_levels):
 
 def test_fast_val_keeps_standard_pixels_unless_asked(photos):
     for path in photos:
-        plain = _as_pixels(data.val_transform(56, CROP)(Image.open(path)))
-        assert (plain - pipeline.FastVal(56, CROP)(path).float()).abs().max() < 1e-3
-        assert (plain - pipeline.FastVal(56, CROP, fast=True)(path).float()).abs().mean() < 2.0
-        assert (plain - pipeline.TensorVal(56, CROP)(path).float()).abs().mean() < 1.0
+        plain = _as_pixels(transforms.val_transform(56, CROP)(Image.open(path)))
+        assert (plain - transforms.FastVal(56, CROP)(path).float()).abs().max() < 1e-3
+        assert (plain - transforms.FastVal(56, CROP, fast=True)(path).float()).abs().mean() < 2.0
+        assert (plain - transforms.TensorVal(56, CROP)(path).float()).abs().mean() < 1.0
 
 
 def _cpu_runtime(memory_format=torch.channels_last):
-    return device.Runtime("cpu", torch.device("cpu"), memory_format=memory_format)
+    return distributed.Runtime("cpu", torch.device("cpu"), memory_format=memory_format)
 
 
 def test_device_normalisation_equals_worker_normalisation(photos):
-    uint8 = torch.stack([pipeline.FastVal(56, CROP)(p) for p in photos])
-    floats = torch.stack([data.val_transform(56, CROP)(Image.open(p)) for p in photos])
+    uint8 = torch.stack([transforms.FastVal(56, CROP)(p) for p in photos])
+    floats = torch.stack([transforms.val_transform(56, CROP)(Image.open(p)) for p in photos])
     images, labels = prefetch.ToDevice(_cpu_runtime())((uint8, torch.arange(4)))
     assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64
@@ -105,10 +102,10 @@ def test_device_decode_equals_worker_decode(photos):
     torch.manual_seed(3)
     decoded, _ = prefetch.DeviceDecode(runtime, True, CROP)((raw, torch.arange(5)))
     torch.manual_seed(3)
-    expected = torch.stack([pipeline.TensorTrain(CROP)(p) for p in photos])
+    expected = torch.stack([transforms.TensorTrain(CROP)(p) for p in photos])
     torch.testing.assert_close(decoded, prefetch.ToDevice(runtime).normalize(expected.float()), rtol=0, atol=1e-5)
     val, _ = prefetch.DeviceDecode(runtime, False, CROP, resize_size=56)((raw, torch.arange(5)))
-    expected = torch.stack([pipeline.TensorVal(56, CROP)(p) for p in photos])
+    expected = torch.stack([transforms.TensorVal(56, CROP)(p) for p in photos])
     torch.testing.assert_close(val, prefetch.ToDevice(runtime).normalize(expected.float()), rtol=0, atol=1e-5)
 
 
@@ -120,7 +117,7 @@ def test_side_stream_prefetch_yields_the_inline_batches(monkeypatch):
     side = types.SimpleNamespace(wait_stream=lambda s: events.append("side waits"))
     fake = types.SimpleNamespace(Stream=lambda dev: side, current_stream=lambda dev=None: stream,
                                  stream=lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(device, "device_module", lambda kind: fake if kind == "fake" else None)
+    monkeypatch.setattr(devices, "device_module", lambda kind: fake if kind == "fake" else None)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append("record"), raising=False)
     batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([1, 2])) for _ in range(3)]
     inline = list(prefetch.DeviceLoader(batches, _cpu_runtime()))

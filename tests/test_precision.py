@@ -1,5 +1,6 @@
-"""The precision engines and the optimizer (device.py): apex through a stand-in, fused SGD after skipped steps,
-loss-scaler checkpoints across device kinds, fixed loss scales, and what an apex request does without apex.amp."""
+"""The precision engines (precision.py) and the optimizer (recipe.py): apex through a stand-in, fused SGD after
+skipped steps, loss-scaler checkpoints across device kinds, fixed loss scales, and what an apex request does
+without apex.amp."""
 import os
 import subprocess
 import sys
@@ -8,12 +9,13 @@ import types
 import pytest
 import torch
 
-import device
 import main
 from conftest import tiny_flags
 from standins import apex_amp, npu_grad_scaler
 from test_main import expect_error, run_main, weights
 from test_reliability import _poison_loss
+from training import devices, recipe
+from training.precision import ApexAmp, NativeAmp, build_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +25,8 @@ def apex_on_cpu(monkeypatch):
     """apex.amp (the stand-in) on a run whose checks see a CUDA machine and which then trains on the CPU: the
     user-facing refusal of apex on the CPU stays as it is."""
     apex_amp.install(monkeypatch)
-    monkeypatch.setattr(device, "resolve_device_kind", lambda requested: "cuda")
-    monkeypatch.setattr(device, "device_count", lambda kind: 1)
+    monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
+    monkeypatch.setattr(devices, "device_count", lambda kind: 1)
     check_args = main.check_args
 
     def checked_then_on_the_cpu(args):
@@ -51,7 +53,7 @@ def test_apex_combined_gradients_are_zeroed_in_place_never_freed(monkeypatch):
     apex_amp.install(monkeypatch)
     args = main.parse_args(["--dummy", "--amp", "--amp-backend", "apex", "--lr", "0.1", "--momentum", "0"])
     weight = torch.nn.Parameter(torch.ones(4))
-    model, optimizer, precision = device.build_precision("npu", weight, torch.optim.SGD([weight], lr=0.1), args)
+    model, optimizer, precision = build_precision("npu", weight, torch.optim.SGD([weight], lr=0.1), args)
     grads = []
     for _ in range(3):
         assert precision.step((weight * 2).sum(), optimizer)
@@ -70,19 +72,19 @@ def uninitialised_is_nan(monkeypatch):
 
 
 def _sgd_steps(kind, losses, nesterov, resume_from=None):
-    """``device.build_optimizer(kind)`` SGD on CPU tensors ("cuda": fused, CPU's fused kernel), stepped through
+    """``recipe.build_optimizer(kind)`` SGD on CPU tensors ("cuda": fused, CPU's fused kernel), stepped through
     NativeAmp with a real GradScaler, which hands the fused step its found_inf and grad_scale. The weights after
     each step."""
     args = main.parse_args(["--dummy", "--momentum", "0.9", "--lr", "0.1", "--wd", "1e-4"])
     args.nesterov = nesterov
     weight = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
-    optimizer = device.build_optimizer(kind, [{"params": [weight], "weight_decay": args.weight_decay}], args)
+    optimizer = recipe.build_optimizer(kind, [{"params": [weight], "weight_decay": args.weight_decay}], args)
     assert optimizer.param_groups[0]["fused"] == (kind == "cuda")
     if resume_from is not None:
         kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
         optimizer.load_state_dict(resume_from)
         optimizer.param_groups[0].update(kernels)  # as main.resume does: this device's kernels
-    precision = device.NativeAmp("cpu", "dynamic", "float16")
+    precision = NativeAmp("cpu", "dynamic", "float16")
     steps = []
     for factor in losses:
         precision.step((weight * torch.arange(12.).reshape(3, 4) * factor).sum(), optimizer)
@@ -129,7 +131,7 @@ def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd(uniniti
 def test_apex_backend_on_cuda_without_apex_amp_points_at_native_amp(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))  # NVIDIA apex 25.07 and later
     monkeypatch.setitem(sys.modules, "apex.amp", None)
-    monkeypatch.setattr(device, "resolve_device_kind", lambda requested: "cuda")
+    monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--amp", "--amp-backend", "apex")],
                  "NVIDIA apex removed it in 2025 (25.05 was the last release with it)", "--amp-backend native")
 
@@ -161,7 +163,7 @@ def npu_scaler(monkeypatch):
 
 def _cpu_scaler_amp(loss_scale="dynamic"):
     """NativeAmp("cpu") in float16: torch.amp's GradScaler, as on CUDA (the same class and state dict)."""
-    return device.NativeAmp("cpu", loss_scale, "float16")
+    return NativeAmp("cpu", loss_scale, "float16")
 
 
 def _overflow_once(precision):
@@ -176,7 +178,7 @@ def test_a_scaler_checkpoint_resumes_across_device_kinds(monkeypatch, npu_scaler
     _overflow_once(cuda_like)
     saved = cuda_like.state_dict()
     assert "dynamic" not in saved["scaler"] and saved["scaler"]["_growth_tracker"] == 2
-    npu = device.NativeAmp("npu", "dynamic")
+    npu = NativeAmp("npu", "dynamic")
     npu.load_state_dict(saved)
     assert npu.scaler.get_scale() == 2. ** 15 and npu.scaler._dynamic
     assert npu.state_dict()["scaler"]["_growth_tracker"] == 2
@@ -194,7 +196,7 @@ def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
     _overflow_once(native)
     weight = torch.nn.Parameter(torch.ones(3))
     _, optimizer = apex_amp.initialize(weight, torch.optim.SGD([weight], lr=0.1), opt_level="O1")
-    apex = device.ApexAmp(apex_amp, "O1", "dynamic")
+    apex = ApexAmp(apex_amp, "O1", "dynamic")
     apex.load_state_dict(native.state_dict())
     assert apex.state_dict() == {"apex": {"loss_scaler0": {"loss_scale": 2. ** 15, "unskipped": 2}}}
     apex.step((weight * float("inf")).sum(), optimizer)
@@ -227,7 +229,7 @@ def test_apex_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monke
 
 @pytest.mark.parametrize("kind", ["cpu", "npu"])
 def test_a_fixed_loss_scale_skips_overflowing_steps_and_stays_fixed(monkeypatch, npu_scaler, kind):
-    precision = _cpu_scaler_amp("128") if kind == "cpu" else device.NativeAmp("npu", "128")
+    precision = _cpu_scaler_amp("128") if kind == "cpu" else NativeAmp("npu", "128")
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     for bad in (True, False, True, True, False):

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import data
-import device
-import engine
 import main
-import profiling
 from conftest import tiny_flags
 from standins import npu_profiler
+from training import data, meters, profiling
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,8 +97,8 @@ def test_npu_branch_uses_torch_npu_profiler(monkeypatch, tmp_path, caplog):
 
 def test_profiler_kit_per_device():
     import torch
-    assert device.profiler_kit("cpu").activities == [torch.profiler.ProfilerActivity.CPU]
-    cuda = device.profiler_kit("cuda")
+    assert profiling.profiler_kit("cpu").activities == [torch.profiler.ProfilerActivity.CPU]
+    cuda = profiling.profiler_kit("cuda")
     assert cuda.module is torch.profiler and torch.profiler.ProfilerActivity.CUDA in cuda.activities
     assert cuda.sort_by == "self_device_time_total"
 
@@ -141,7 +138,7 @@ def test_slow_loader_is_reported_once(tmp_path, monkeypatch):
     out = tmp_path / "run"
     summary = run_main(*tiny_flags(out), "--dummy", "--dummy-images", "8", "-b", "2", "--epochs", "2",
                        "--max-steps", "2", "--no-val")
-    assert summary["data_wait_share"] > engine.StepBreakdown.SLOW_LOADER_SHARE
+    assert summary["data_wait_share"] > meters.StepBreakdown.SLOW_LOADER_SHARE
     log = (out / "train.log").read_text()
     assert log.count("the data loader cannot keep up") == 1
     line = next(line for line in log.splitlines() if "cannot keep up" in line)
@@ -149,7 +146,7 @@ def test_slow_loader_is_reported_once(tmp_path, monkeypatch):
 
 
 def test_fast_loader_says_nothing():
-    breakdown = engine.StepBreakdown()
+    breakdown = meters.StepBreakdown()
     breakdown.add(steps=10, wall_seconds=1.0, wait_seconds=0.1, copy_seconds=0.02)
     assert breakdown.slow_loader_message(4, "fast") is None
     assert breakdown.means_ms() == pytest.approx({"data_ms": 8.0, "copy_ms": 2.0, "compute_ms": 90.0})

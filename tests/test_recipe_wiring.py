@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import device
 import main
 import mnasnet
-import recipe
 from conftest import tiny_flags
 from test_main import expect_error, run_main
+from training import distributed, recipe
 
 
 def step_lrs(steps, warmup_epochs, epochs, kind="cosine", steps_per_epoch=10):
@@ -92,7 +91,7 @@ def built(monkeypatch):
             self.training_calls += int(torch.is_grad_enabled())
             return super().forward(output, target)
 
-    build_optimizer = device.build_optimizer
+    build_optimizer = recipe.build_optimizer
 
     def recorded_optimizer(kind, params, args):
         optimizer = build_optimizer(kind, params, args)
@@ -100,7 +99,7 @@ def built(monkeypatch):
         return optimizer
 
     monkeypatch.setattr(nn, "CrossEntropyLoss", RecordedLoss)
-    monkeypatch.setattr(device, "build_optimizer", recorded_optimizer)
+    monkeypatch.setattr(recipe, "build_optimizer", recorded_optimizer)
     return made
 
 
@@ -134,15 +133,15 @@ def test_recipe_flags_reach_the_criterion_and_optimizer_main_trains_with(image_f
 
 
 def as_rank_0_of(world_size):
-    """device.setup_runtime's answer for rank 0 of ``world_size`` CPU processes, without joining a process group:
+    """distributed.setup_runtime's answer for rank 0 of ``world_size`` CPU processes, without joining a process group:
     what main.py checks and builds before its first collective."""
-    return lambda args, local_rank: device.Runtime("cpu", torch.device("cpu"), rank=0, world_size=world_size,
+    return lambda args, local_rank: distributed.Runtime("cpu", torch.device("cpu"), rank=0, world_size=world_size,
                                                    memory_format=torch.channels_last)
 
 
 def test_a_global_batch_that_does_not_split_across_the_processes_is_an_error(image_folder, tmp_path, monkeypatch,
                                                                            capsys):
-    monkeypatch.setattr(device, "setup_runtime", as_rank_0_of(2))
+    monkeypatch.setattr(distributed, "setup_runtime", as_rank_0_of(2))
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "-b", "9")],
                  "-b/--batch-size 9 is the global batch and must divide evenly across 2 processes")
 
@@ -161,7 +160,7 @@ def test_sync_bn_converts_every_batchnorm_when_distributed(image_folder, tmp_pat
     def stop_at_parameter_groups(model, *args):
         models.append(model)
         raise ModelBuilt
-    monkeypatch.setattr(device, "setup_runtime", as_rank_0_of(world_size))
+    monkeypatch.setattr(distributed, "setup_runtime", as_rank_0_of(world_size))
     monkeypatch.setattr(recipe, "parameter_groups", stop_at_parameter_groups)
     args = main.parse_args([image_folder, *tiny_flags(tmp_path)])
     main.check_args(args)

@@ -6,11 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import data
-import recipe
 from conftest import tiny_flags
 from test_main import run_main
+from training import checkpoint, recipe, transforms
 
 
 def test_rmsprop_tf_follows_tensorflow_formula():
@@ -94,14 +92,14 @@ def test_model_ema_is_validated_checkpointed_resumed_and_can_be_best(image_folde
 
 def test_augmentations_keep_shape():
     image = Image.new("RGB", (50, 40), (120, 30, 200))
-    for auto_augment in data.AUTO_AUGMENT:
-        out = data.train_transform(32, auto_augment=auto_augment, random_erase=1.0)(image)
+    for auto_augment in transforms.AUTO_AUGMENT:
+        out = transforms.train_transform(32, auto_augment=auto_augment, random_erase=1.0)(image)
         assert out.shape == (3, 32, 32) and (out == 0).any()  # erased patch filled with 0
 
 
 def test_batch_mix_gives_soft_targets():
-    assert data.batch_mix(3) is None
-    mix = data.batch_mix(3, mixup_alpha=0.2, cutmix_alpha=1.0)
+    assert transforms.batch_mix(3) is None
+    mix = transforms.batch_mix(3, mixup_alpha=0.2, cutmix_alpha=1.0)
     images, target = mix(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0], dtype=torch.int32))
     assert images.shape == (4, 3, 8, 8) and target.shape == (4, 3)
     torch.testing.assert_close(target.sum(dim=1), torch.ones(4))
@@ -120,7 +118,7 @@ def test_paper_recipe_flags_train(image_folder, tmp_path):
 ])
 def test_best_checkpoint_holds_the_better_of_weights_and_ema(image_folder, tmp_path, monkeypatch, scores,
                                                              best_is_ema):
-    import engine
+    from training import engine
     evaluate = engine.evaluate
 
     def scripted(model, *args, name=""):

@@ -14,14 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import data
-import device
-import engine
 import main
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main, weights
-from utils import SkippedSteps
+from training import checkpoint, data, engine, transforms
+from training.meters import SkippedSteps
+from training.precision import NativeAmp, Precision
 
 
 def _save(path, mode, fmt):
@@ -67,7 +65,7 @@ def bad_folder(tmp_path_factory):
 def test_quirky_images_train_without_complaint(tmp_path):
     root = write_image_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
     _add_quirks(root)
-    train_set, _ = data.image_folders(root, data.train_transform(48), None)
+    train_set, _ = data.image_folders(root, transforms.train_transform(48), None)
     assert len(train_set) == 12  # the three quirky images count, the stray files do not
     summary = run_main(root, *tiny_flags(tmp_path / "out", "--epochs", "1", "--strict-data"))
     assert summary["train_skipped_images"] == 0 and summary["val_images"] == 3
@@ -95,7 +93,7 @@ def test_strict_data_makes_an_unreadable_image_an_error(bad_folder, tmp_path, ca
 
 def test_dataset_replaces_in_training_and_marks_in_validation(bad_folder):
     root, bad = bad_folder
-    train_set, val_set = data.image_folders(root, data.train_transform(48), data.val_transform(52, 48))
+    train_set, val_set = data.image_folders(root, transforms.train_transform(48), transforms.val_transform(52, 48))
     index = [path for path, _ in train_set.samples].index(bad[2])
     assert index == len(train_set) - 1  # the last sample: replaced by the first
     image, label = train_set[index]
@@ -116,7 +114,7 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path, empty):
 
 
 def test_augmentation_does_not_depend_on_workers(image_folder):
-    train_set, _ = data.image_folders(image_folder, data.train_transform(32), None, seed=5)
+    train_set, _ = data.image_folders(image_folder, transforms.train_transform(32), None, seed=5)
     batches = []
     for workers in (0, 2):
         sampler = data.TrainSampler(train_set, 1, 0, seed=5)
@@ -162,7 +160,7 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
         expected = (1, 0)
     else:
         stop_at = 6 if where == "mid-epoch" else 4
-        _signal_self_at(monkeypatch, device.Precision, "step", lambda n, args: n == stop_at)
+        _signal_self_at(monkeypatch, Precision, "step", lambda n, args: n == stop_at)
         expected = (1, 2) if where == "mid-epoch" else (0, 4)
     with pytest.raises(SystemExit) as exit_info:
         run_main(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS))
@@ -223,7 +221,7 @@ def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {root!r})
-    import checkpoint
+    from training import checkpoint
     real_save = torch.save
 
     def slow_save(obj, handle):
@@ -294,7 +292,7 @@ def test_amp_counts_and_shows_skipped_steps(image_folder, tmp_path, monkeypatch)
 def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch):
     """Skipped steps are counted on the device: no host sync per step (get_scale() would make two)."""
     monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs the host"))
-    precision = device.NativeAmp("cpu", "dynamic", "float16")
+    precision = NativeAmp("cpu", "dynamic", "float16")
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     skipped = SkippedSteps()
@@ -345,7 +343,7 @@ def test_an_fp16_run_stopped_mid_epoch_resumes_its_loss_scale_to_the_bit(image_f
     flags = (*RESUME_FLAGS, "--amp", "--amp-dtype", "float16", "--init-loss-scale", str(2 ** 20),
              "--max-nonfinite-steps", "8")
     run_main(image_folder, *tiny_flags(tmp_path / "straight", *flags))
-    _signal_self_at(monkeypatch, device.Precision, "step", lambda n, args: n == 6)
+    _signal_self_at(monkeypatch, Precision, "step", lambda n, args: n == 6)
     with pytest.raises(SystemExit):
         run_main(image_folder, *tiny_flags(tmp_path / "stopped", *flags))
     monkeypatch.undo()

@@ -10,14 +10,14 @@ import torch
 import torchvision
 from torch import nn
 
-import checkpoint
 import mnasnet
 from conftest import tiny_flags
 from test_launchers import TINY, launch_ok
 from test_main import expect_error, run_main, run_subprocess
 from test_model import NON_UNIT_ARCHS, _assert_same_state, _randomize, _v1_checkpoint
 from test_multinode import logged_digest
-from utils import state_digest
+from training import checkpoint
+from training.utils import state_digest
 
 WRAPPERS = {"DataParallel": nn.DataParallel, "torch.compile": torch.compile}
 

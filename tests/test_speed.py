@@ -9,10 +9,10 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
-import device
 import mnasnet
 from conftest import tiny_flags
 from test_main import run_main, weights
+from training.precision import NativeAmp
 
 
 def _step_losses(output_dir):
@@ -100,7 +100,7 @@ def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_pat
 
 def test_depthwise_convolutions_leave_autocast_only_in_training(bf16_cpu):
     model = torchvision.models.mnasnet0_5(num_classes=3)
-    precision = device.NativeAmp("cpu", "dynamic")
+    precision = NativeAmp("cpu", "dynamic")
     precision.prepare(model)
     depthwise = model.layers[3]  # the stem's 3x3 depthwise convolution
     dtypes = []

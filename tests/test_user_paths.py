@@ -16,12 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import device
 import main
-import pipeline
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main
+from training import data, distributed, pipeline
+from training.precision import Precision
 
 # Runs main.py with the loss raising on the N-th training step of one rank. The patch is at module level, so
 # the processes --multiprocessing-distributed spawns (which import this script as __mp_main__) get it too.
@@ -199,7 +198,7 @@ def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_fo
 def _loaders(image_folder, tmp_path, *extra):
     args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
     main.check_args(args)
-    runtime = device.Runtime(kind="cpu", device=torch.device("cpu"))
+    runtime = distributed.Runtime(kind="cpu", device=torch.device("cpu"))
     train_set, val_set = main.build_datasets(args)
     return main.build_loaders(train_set, val_set, runtime, args, main.setup_logging(str(tmp_path), "t.log", 0))
 
@@ -269,7 +268,7 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(im
     """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4) with the epoch's training figures; the resumed
     run trains no step of epoch 0 again, validates it, records one full row for it (training figures included), then
     trains epoch 1: one row per epoch, none empty, and epoch 0 takes part in the best checkpoint."""
-    original, calls = device.Precision.step, []
+    original, calls = Precision.step, []
 
     def step_then_sigterm(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -277,7 +276,7 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(im
         if len(calls) == 4:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
-    monkeypatch.setattr(device.Precision, "step", step_then_sigterm)
+    monkeypatch.setattr(Precision, "step", step_then_sigterm)
     flags = ("--epochs", "2", "--seed", "1", "--warmup", "1")
     with pytest.raises(SystemExit):
         run_main(image_folder, *tiny_flags(tmp_path, *flags))

@@ -38,8 +38,6 @@ import time
 STARTED = time.time()  # the budget counts the start-up too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import autoload_off  # noqa: E402,F401  (before torch: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -52,8 +50,9 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import data  # noqa: E402
-import device  # noqa: E402
+from training import \
+    autoload_off  # noqa: E402,F401  (before torch: no torch_npu autoload, see training/autoload_off.py)
+from training import demo, devices, distributed  # noqa: E402
 
 OVERFLOW_LOSS_SCALE = 2 ** 24
 BENCH_WARMUP_STEPS = 5
@@ -270,10 +269,10 @@ def last_line(err):
 
 
 def write_jpeg_folder(root, classes, train_per_class, val_per_class, size):
-    """data.write_striped_folder's classes (learnable in a few epochs), of which three training files and one
+    """demo.write_striped_folder's classes (learnable in a few epochs), of which three training files and one
     validation file are then broken. Returns {what: path} of those."""
     colours = [(200, 40, 40), (40, 190, 60), (40, 60, 210), (200, 200, 40)][:classes]
-    data.write_striped_folder(root, {f"c{i}": colour for i, colour in enumerate(colours)}, train_per_class,
+    demo.write_striped_folder(root, {f"c{i}": colour for i, colour in enumerate(colours)}, train_per_class,
                               val_per_class, size, quality=90)
     rng = np.random.default_rng(0)
     with open(os.path.join(root, "train", "c0", "c0_0.JPEG"), "rb") as handle:
@@ -407,7 +406,7 @@ class Checks:
             digests = {name: line.rsplit(" ", 1)[1] for name, text in self.runner.logs("amp-training").items()
                        for line in text.splitlines() if "weights sha256" in line}
             ok = len(digests) == self.s["procs"] and len(set(digests.values())) == 1
-            self.report.check("ddp", ok, f"{self.s['procs']} processes over {device.BACKENDS[self.kind]}: weights "
+            self.report.check("ddp", ok, f"{self.s['procs']} processes over {distributed.BACKENDS[self.kind]}: weights "
                                          f"digests {sorted(set(digests.values()))[:2]} in {sorted(digests)}")
 
     def resume(self, timeout):
@@ -605,8 +604,8 @@ def parse_args(argv):
 def main(argv=None, started=None):
     started = started or STARTED
     args = parse_args(argv)
-    kind = device.resolve_device_kind(args.device)
-    s = settings(args, kind, device.device_count(kind))
+    kind = devices.resolve_device_kind(args.device)
+    s = settings(args, kind, devices.device_count(kind))
     print(f"device check: {device_description(kind)}, torch {torch.__version__}, {s['procs']} process(es) per run",
           flush=True)
     planned, dropped = plan_checks(args.checks, kind, s, args.budget_s)

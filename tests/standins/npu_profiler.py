@@ -1,4 +1,4 @@
-"""Stand-in for torch_npu.profiler (torch_npu 2.14.0 wheel, torch_npu/profiler/), for device.profiler_kit's NPU
+"""Stand-in for torch_npu.profiler (torch_npu 2.14.0 wheel, torch_npu/profiler/), for profiling.profiler_kit's NPU
 branch. ``install(monkeypatch)`` puts it in sys.modules as ``torch_npu.profiler`` (and a bare ``torch_npu``).
 
 Mirrors, keyword-only and with the same names, so a misspelled argument fails as it would there:

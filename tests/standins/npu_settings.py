@@ -55,7 +55,7 @@ class HF32Switch:
 
 
 def npu_module(binary_by_default, devices=1):
-    """A ``torch.npu`` for device.setup_runtime: (module, the options it set by name, the devices it bound)."""
+    """A ``torch.npu`` for distributed.setup_runtime: (module, the options it set by name, the devices it bound)."""
     options, bound = {}, []
 
     def set_compile_mode(jit_compile=False):

@@ -10,10 +10,9 @@ import zipfile
 import numpy as np
 import torch
 
-import device
 import mnasnet
-import timm_keys
-from utils import UserError, first_line
+from training import devices, timm_keys
+from training.utils import UserError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -76,7 +75,7 @@ def rng_state(device_kind):
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    module = device.device_module(device_kind)
+    module = devices.device_module(device_kind)
     if module is not None:
         state["device"] = module.get_rng_state()
     return state
@@ -88,7 +87,7 @@ def restore_rng_state(state, device_kind):
     numpy_state["state"] = dict(numpy_state["state"], key=numpy_state["state"]["key"].numpy().astype(np.uint32))
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
-    module = device.device_module(device_kind)
+    module = devices.device_module(device_kind)
     if module is not None and "device" in state:
         module.set_rng_state(state["device"])
 

@@ -1,74 +1,83 @@
-"""Input pipelines that hand uint8 images to the device, where they are normalised (prefetch.py).
-
-``--pipeline`` picks one (bench.py measures them all):
-
-- ``standard``: torchvision's PIL transforms, normalised float32 batches from the workers (the reference).
-- ``fast``: a JPEG whose random crop is at least twice the output size is decoded by PIL at 1/2, 1/4 or 1/8
-  scale (``draft()``) and cropped + resized in one ``resize(box=...)``; other images are decoded by
-  ``torchvision.io`` and cropped + resized as uint8 tensors (faster than PIL at 300-500 px); uint8 out.
-- ``tensor``: ``torchvision.io`` decode and tensor crop/resize on uint8 tensors.
-- ``gpu``: workers read the file bytes and check the header (``check_encoded``); JPEGs are decoded and augmented
-  on the device (prefetch.py).
-
-Every pipeline draws its random numbers as torchvision's RandomResizedCrop + RandomHorizontalFlip do
-(crop parameters, then one ``torch.rand(1)`` for the flip), so with the same seed all give the same crops.
-Validation keeps the standard pixels (PIL resize, centre crop, uint8 out) unless ``fast_val`` is set.
-"""
+"""Image transforms: torchvision's PIL ones (the standard pipeline), mixup/cutmix, and the uint8 ones of the
+fast pipelines (PIL draft() and torchvision.io decode), which draw their random numbers as torchvision's
+RandomResizedCrop + RandomHorizontalFlip do."""
 import math
 import warnings
 from io import BytesIO
-from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
-from torchvision import io, transforms
-from torchvision.datasets.folder import default_loader
+from torchvision import io
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-import data
+from training import data
 
 # requirements.txt pins torchvision 0.29, whose image decoders work and are deprecated in favour of
 # TorchCodec's; moving to those is for when the pin moves, and the warning would repeat in every worker.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-PIPELINES = ("standard", "fast", "tensor", "gpu")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_rgb(img):
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment}
+
+
+def train_transform(crop_size, scale=(0.08, 1.0), auto_augment=None, random_erase=0.0):
+    """RandomResizedCrop and flip, optionally TrivialAugmentWide / RandAugment and RandomErasing (after
+    normalisation, filling with 0, the mean)."""
+    steps = [T.Lambda(_to_rgb), T.RandomResizedCrop(crop_size, scale=scale),
+             T.RandomHorizontalFlip()]
+    if auto_augment:
+        steps.append(AUTO_AUGMENT[auto_augment]())
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if random_erase > 0:
+        steps.append(v2.RandomErasing(p=random_erase, value=0))
+    return T.Compose(steps)
+
+
+def batch_mix(num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """MixUp and/or CutMix (one of the two, at random, per batch) on a batch already on the device, returning
+    soft targets for the loss; None when both are off."""
+    choices = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    mix = v2.RandomChoice(choices)
+
+    def apply(images, target):
+        return mix(images, target.long())  # one-hot encoding needs int64 labels (NPU labels are int32)
+    return apply
+
+
+# --interpolation's choices: the resampling of validation's resize (torchvision's and timm's weights differ).
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def interpolation_mode(name):
+    return T.InterpolationMode(name)
+
+
+def val_transform(resize_size, crop_size, interpolation="bilinear"):
+    return T.Compose([
+        T.Lambda(_to_rgb),
+        T.Resize(resize_size, interpolation=interpolation_mode(interpolation)),
+        T.CenterCrop(crop_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-def path_loader(path):
-    """The dataset hands the transform the path: draft() and torchvision.io decode from the file themselves."""
-    return path
-
-
-class EncodedFile(NamedTuple):
-    """An image file's bytes as the ``gpu`` pipeline's workers hand them on, with the path for error messages."""
-    data: torch.Tensor
-    path: str
-
-
-def bytes_loader(path):
-    """The file's bytes, after a header check: the device decodes them in the main process, so the worker
-    (whose errors data.py's guard catches, counts and replaces) turns away what is plainly unreadable."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    check_encoded(raw)
-    return EncodedFile(torch.frombuffer(bytearray(raw), dtype=torch.uint8), path)
-
-
-def check_encoded(raw):
-    """Raise OSError (via PIL) unless ``raw`` starts like an image PIL knows, with a non-empty size. A JPEG (MPO:
-    a camera's multi-picture JPEG) must also end: its last end-of-image marker must follow its last start-of-scan
-    one, which a truncated file lacks (inside compressed data 0xFF is always escaped, so neither marker occurs
-    there). Reads the header only, not the pixels: corrupt compressed data passes, and DeviceDecode handles it."""
-    with Image.open(BytesIO(raw)) as img:
-        width, height = img.size
-        kind = img.format
-    if not width or not height:
-        raise OSError(f"{kind} header gives an empty size {width}x{height}")
-    if kind in ("JPEG", "MPO") and not raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0:
-        raise OSError("truncated JPEG: no end-of-image marker after the last scan")
 
 
 def _pil_to_uint8(img):
@@ -115,7 +124,7 @@ class FastTrain:
     def __call__(self, path):
         with _open(path) as img:
             # get_params reads only the header's size, so the decoder can still be told to shrink.
-            top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, RATIO)
+            top, left, height, width = T.RandomResizedCrop.get_params(img, self.scale, RATIO)
             box = (left, top, left + width, top + height)
             drafted = self.draft and img.format == "JPEG" and _draft_scale(box, self.size) >= 2
             if drafted or self.small == "pil":
@@ -150,9 +159,9 @@ class FastVal:
                     _draft(img, (0, 0, width, height), target)
                 _load(img, path)
                 img = img if img.mode == "RGB" else img.convert("RGB")
-                resized = transforms.functional.resize(img, self.resize_size,
-                                                       interpolation=data.interpolation_mode(self.interpolation))
-                return _pil_to_uint8(transforms.functional.center_crop(resized, self.crop_size))
+                resized = T.functional.resize(img, self.resize_size,
+                                                       interpolation=interpolation_mode(self.interpolation))
+                return _pil_to_uint8(T.functional.center_crop(resized, self.crop_size))
         return resize_center_crop(decode(path), self.resize_size, self.crop_size, self.interpolation)
 
 
@@ -184,13 +193,13 @@ def decode(path_or_bytes):
 
 
 def random_resized_crop_flip(image, size, scale):
-    top, left, height, width = transforms.RandomResizedCrop.get_params(image, scale, RATIO)
+    top, left, height, width = T.RandomResizedCrop.get_params(image, scale, RATIO)
     out = F.resized_crop(image, top, left, height, width, [size, size], antialias=True)
     return F.horizontal_flip(out) if torch.rand(1) < 0.5 else out
 
 
 def resize_center_crop(image, resize_size, crop_size, interpolation="bilinear"):
-    resized = F.resize(image, resize_size, interpolation=data.interpolation_mode(interpolation), antialias=True)
+    resized = F.resize(image, resize_size, interpolation=interpolation_mode(interpolation), antialias=True)
     return F.center_crop(resized, [crop_size, crop_size])
 
 
@@ -211,29 +220,3 @@ class TensorVal:
 
     def __call__(self, path):
         return resize_center_crop(decode(path), self.resize_size, self.crop_size, self.interpolation)
-
-
-def collate_bytes(batch):
-    """File bytes differ in length: a list of EncodedFile, and the labels as one tensor."""
-    return [item[0] for item in batch], torch.tensor([item[1] for item in batch])
-
-
-def build(name, args, fast_val=False):
-    """((train transform, train file reader), (val transform, val file reader)) for --pipeline NAME.
-
-    For ``gpu`` the transforms are None: the workers read bytes and the device decodes (prefetch.DeviceDecode)."""
-    scale = (args.min_crop_scale, 1.0)
-    crop, resize, val_crop = args.train_crop_size, args.val_resize_size, args.val_crop_size
-    interpolation = args.interpolation
-    if name == "standard":
-        return ((data.train_transform(crop, scale, args.auto_augment, args.random_erase), default_loader),
-                (data.val_transform(resize, val_crop, interpolation), default_loader))
-    val = (FastVal(resize, val_crop, fast=fast_val, interpolation=interpolation), path_loader)
-    if name == "fast":
-        return (FastTrain(crop, scale), path_loader), val
-    if name == "tensor":
-        tensor_val = (TensorVal(resize, val_crop, interpolation), path_loader)
-        return (TensorTrain(crop, scale), path_loader), tensor_val if fast_val else val
-    if name == "gpu":
-        return (None, bytes_loader), (None, bytes_loader) if fast_val else val
-    raise ValueError(name)

@@ -1,16 +1,17 @@
 """One training epoch and one validation pass. Device-agnostic: everything device-specific is in ``runtime``
-and ``precision`` (device.py)."""
+and ``precision`` (distributed.py, precision.py)."""
 import copy
 import signal
 import sys
-import time
 
 import torch
 import torch.nn as nn
 from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
-from utils import STOP_SIGNALS, Average, MetricSums, SkippedSteps, interactive
+from training import meters
+from training.meters import MetricSums, SkippedSteps
+from training.utils import STOP_SIGNALS, interactive
 
 
 class StopRequest:
@@ -53,154 +54,6 @@ class StopRequest:
         return False
 
 
-class ThroughputMeter:
-    """Global images per second over the measured window of a whole run.
-
-    The first ``warmup_steps`` steps of every epoch are left out (loader start-up, allocator and kernel
-    warm-up); the window is closed by a device sync, so queued asynchronous work is counted.
-    """
-
-    def __init__(self, warmup_steps):
-        self.warmup_steps = warmup_steps
-        self.steps = 0
-        self.images = 0
-        self.seconds = 0.0
-
-    @property
-    def fps(self):
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def step_time_ms(self):
-        return 1000.0 * self.seconds / self.steps if self.steps else float("nan")
-
-
-class StepBreakdown:
-    """Where a step's time goes, summed over intervals between device syncs (the printed lines' syncs, so
-    measuring costs the run nothing): host time waiting for the loader's next batch (``data``), host time in the
-    device stage (``copy``: prefetch.DeviceLoader's transfer calls; on CUDA/NPU they only issue the copy of a
-    pinned batch to a side stream, where it overlaps the compute, so the transfer itself is not in it, but a
-    device decode that blocks the host is; on the CPU they normalise the batch inline) and the rest of the
-    interval (``compute``: forward, backward, optimizer, and the queued device work the sync waited for)."""
-
-    # More of each step than this waiting for data: the loader cannot keep up.
-    SLOW_LOADER_SHARE = 0.2
-
-    def __init__(self):
-        self.steps = 0
-        self.wall_seconds = self.wait_seconds = self.copy_seconds = 0.0
-
-    def add(self, steps, wall_seconds, wait_seconds, copy_seconds):
-        """``wait_seconds`` is all the time spent fetching batches, ``copy_seconds`` included."""
-        self.steps += steps
-        self.wall_seconds += wall_seconds
-        self.wait_seconds += wait_seconds
-        self.copy_seconds += copy_seconds
-
-    def merge(self, other):
-        self.add(other.steps, other.wall_seconds, other.wait_seconds, other.copy_seconds)
-
-    def _mean_ms(self, seconds):
-        return 1000.0 * seconds / self.steps if self.steps else float("nan")
-
-    def means_ms(self):
-        """Mean ms per step: {"data_ms", "copy_ms", "compute_ms"}, which add up to the mean step time."""
-        return {"data_ms": self._mean_ms(self.wait_seconds - self.copy_seconds),
-                "copy_ms": self._mean_ms(self.copy_seconds),
-                "compute_ms": self._mean_ms(self.wall_seconds - self.wait_seconds)}
-
-    @property
-    def data_share(self):
-        """The share of the step time spent waiting for the loader (data_ms / step time)."""
-        if not self.wall_seconds:
-            return float("nan")
-        return (self.wait_seconds - self.copy_seconds) / self.wall_seconds
-
-    def slow_loader_message(self, workers, pipeline):
-        """A line saying the loader cannot keep up, with what helps, or None when it keeps up."""
-        if not self.data_share > self.SLOW_LOADER_SHARE:
-            return None
-        means = self.means_ms()
-        step_ms = means["data_ms"] + means["copy_ms"] + means["compute_ms"]
-        return (f"=> the data loader cannot keep up: {100 * self.data_share:.0f}% of each step "
-                f"({means['data_ms']:.1f} of {step_ms:.1f} ms) waits for the next batch; more loader workers "
-                f"(-j/--workers, now {workers}) or a faster --pipeline (now {pipeline}; fast decodes large JPEGs "
-                f"at reduced size, gpu decodes on the CUDA device) help")
-
-
-class _EpochProgress:
-    """The bookkeeping behind an epoch's printed lines and its measured window: the steps, data wait and metrics
-    (on the device) since the last line, the epoch's running means and its StepBreakdown. Reads the clock only;
-    the caller syncs the device before ``open_window`` and ``log_line``."""
-
-    def __init__(self, runtime, loader, epoch, steps, window_first_step):
-        self.loader, self.epoch, self.steps = loader, epoch, steps
-        self.window_first_step = window_first_step
-        self.interval = MetricSums(runtime.device)
-        self.step_time, self.data_time, self.loss_avg, self.top1_avg, self.top5_avg = (Average() for _ in range(5))
-        self.breakdown, self.copy_mark = StepBreakdown(), loader.copy_seconds
-        self.global_batch = 0
-        self.interval_steps, self.interval_data = 0, 0.0
-        self.interval_start = self.last_step_end = self.window_start = None
-
-    def start(self, start_step):
-        self.interval_start = self.last_step_end = time.perf_counter()
-        # Without warm-up steps the measured window opens now, before the first step.
-        if self.window_first_step == start_step:
-            self.window_start = self.interval_start
-
-    def batch_arrived(self):
-        self.interval_data += time.perf_counter() - self.last_step_end
-
-    def step_done(self, loss, output, labels, world_size):
-        self.interval.update(loss, output, labels)
-        self.interval_steps += 1
-        self.global_batch = labels.shape[0] * world_size
-
-    def step_end(self):
-        self.last_step_end = time.perf_counter()
-
-    def open_window(self):
-        self.window_start = time.perf_counter()
-
-    def log_line(self, log, step, skipped):
-        """Log the reference's line for the steps since the last one (their metrics are pulled from the device),
-        then start the next interval."""
-        now = time.perf_counter()
-        steps, data_wait = self.interval_steps, self.interval_data
-        seconds_per_step = (now - self.interval_start) / steps
-        count, loss_value, top1, top5 = self.interval.pull()
-        skipped_steps = skipped.total()
-        self.step_time.add(seconds_per_step, steps)
-        self.data_time.add(data_wait / steps, steps)
-        self.loss_avg.add(loss_value, count)
-        self.top1_avg.add(top1, count)
-        self.top5_avg.add(top5, count)
-        self.breakdown.add(steps, now - self.interval_start, data_wait, self.loader.copy_seconds - self.copy_mark)
-        self.copy_mark = self.loader.copy_seconds
-        step_fps = self.global_batch / seconds_per_step
-        measured = step + 1 - self.window_first_step
-        mean_fps = measured * self.global_batch / (now - self.window_start) if measured > 0 else step_fps
-        log.info(f"Epoch: [{self.epoch}][{step + 1}/{self.steps}]\t"
-                 f"Time {seconds_per_step:.3f} ({self.step_time.mean:.3f})\t"
-                 f"Data {data_wait / steps:.3f} ({self.data_time.mean:.3f})\t"
-                 f"Loss {loss_value:.4e} ({self.loss_avg.mean:.4e})\t"
-                 f"Acc@1 {top1:6.2f} ({self.top1_avg.mean:6.2f})\t"
-                 f"Acc@5 {top5:6.2f} ({self.top5_avg.mean:6.2f})\t"
-                 f"FPS {step_fps:.2f} ({mean_fps:.2f})"
-                 + (f"\tSkipped {skipped_steps}" if skipped_steps else ""))
-        self.interval_start = time.perf_counter()
-        self.interval_steps, self.interval_data = 0, 0.0
-
-    def add_window(self, throughput, steps_done):
-        """Add the epoch's measured window to the run's throughput (the device was synced just before)."""
-        measured = steps_done - self.window_first_step
-        if self.window_start is not None and measured > 0:
-            throughput.steps += measured
-            throughput.images += measured * self.global_batch
-            throughput.seconds += time.perf_counter() - self.window_start
-
-
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
                     throughput, stop, start_step=0, ema=None, mix=None, profiler=None):
     """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
@@ -222,7 +75,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         steps = min(steps, args.max_steps)
     skipped, stopped, steps_done = SkippedSteps(), None, start_step
     epoch_sums = MetricSums(runtime.device)
-    progress = _EpochProgress(runtime, loader, epoch, steps, start_step + throughput.warmup_steps)
+    progress = meters.EpochProgress(runtime, loader, epoch, steps, start_step + throughput.warmup_steps)
     # On a terminal only: log files (and pipes) get exactly the reference's lines.
     bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
                file=sys.stdout, disable=not (runtime.is_main and interactive()))

@@ -10,8 +10,8 @@ import dataclasses
 import math
 from fractions import Fraction
 
-import timm_keys
-from utils import UserError, first_line
+from training import timm_keys
+from training.utils import UserError, first_line
 
 SOURCES = ("torchvision", "timm")
 

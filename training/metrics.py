@@ -1,17 +1,17 @@
 """Per-epoch metrics: a CSV in the output folder, optional TensorBoard scalars, and a PNG of the curves.
 
-    python metrics.py output/metrics.csv                 # redraw output/metrics.png from the CSV
+    python -m training.metrics output/metrics.csv        # redraw output/metrics.png from the CSV
 """
 import argparse
 import csv
 import math
 import os
 
-from utils import UserError, exit_on_user_error
+from training.utils import UserError, exit_on_user_error
 
 CSV_NAME = "metrics.csv"
 PNG_NAME = "metrics.png"
-# data_ms, copy_ms, compute_ms: the epoch's mean step, split as engine.StepBreakdown measures it.
+# data_ms, copy_ms, compute_ms: the epoch's mean step, split as meters.StepBreakdown measures it.
 FIELDS = ("epoch", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_s",
           "epoch_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "data_ms", "copy_ms", "compute_ms")
 

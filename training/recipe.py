@@ -118,3 +118,34 @@ def model_ema(model, decay_per_step, every_steps):
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay_per_step ** every_steps), use_buffers=True)
+
+
+def build_optimizer(kind, params, args):
+    """SGD or the paper's TensorFlow-style RMSProp; SGD on NPU with apex is Ascend's fused SGD, which works on
+    apex's combined gradient buffers."""
+    if args.opt == "rmsprop":
+        return RMSpropTF(params, lr=args.lr, decay=args.rmsprop_decay, momentum=args.momentum,
+                                eps=args.opt_eps)
+    if args.amp and args.amp_backend == "apex" and kind == "npu":
+        from apex.optimizers import NpuFusedSGD
+        return NpuFusedSGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    # CUDA's fused SGD also takes the native loss scaler's inf check on the device, where the unfused step reads
+    # it on the host (GradScaler.step syncs once a step for it). Apex wraps optimizers its own way: left unfused.
+    fused = kind == "cuda" and not (args.amp and args.amp_backend == "apex")
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=fused)
+    if fused and args.momentum:
+        _zero_momentum_buffers(optimizer)
+        optimizer.register_load_state_dict_post_hook(_zero_momentum_buffers)
+    return optimizer
+
+
+def _zero_momentum_buffers(optimizer):
+    """Give every parameter without one a zero momentum buffer. Fused SGD's first step allocates the buffers
+    uninitialised (torch.empty_like) and keeps them even when the loss scaler skips that step, so the next step
+    would apply garbage; from a zero buffer the first applied step is momentum * 0 + grad = grad, what an unfused
+    SGD's first step (a copy of grad) gives, bit for bit."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -1,10 +1,13 @@
-"""--profile: a window of training steps recorded by the device's profiler (device.profiler_kit), one
+"""--profile: a window of training steps recorded by the device's profiler (profiler_kit), one
 TensorBoard trace per rank under <output-dir>/profile, and rank 0's top operators by self time in its log."""
 import glob
+import importlib
 import os
+from dataclasses import dataclass
 
-import device
-from utils import UserError
+import torch
+
+from training.utils import UserError
 
 TRACE_FOLDER = "profile"
 TOP_OPERATORS = 15
@@ -28,7 +31,7 @@ class WindowProfiler:
     so the run trains exactly as without it."""
 
     def __init__(self, kind, output_dir, rank, wait, warmup, active):
-        self.kit = device.profiler_kit(kind)
+        self.kit = profiler_kit(kind)
         self.trace_dir = os.path.join(output_dir, TRACE_FOLDER)
         self.worker_name = f"rank{rank}"
         self.window = (wait, warmup, active)
@@ -66,3 +69,32 @@ class WindowProfiler:
         table = self.profile.key_averages().table(sort_by=self.kit.sort_by, row_limit=TOP_OPERATORS)
         return (f"=> top {TOP_OPERATORS} operators by self time (ProfilerStep* is the steps' time outside "
                 f"operators: Python, the loader)\n{table}")
+
+
+@dataclass
+class ProfilerKit:
+    """What ``--profile`` records with on this device: ``module`` (torch.profiler, or torch_npu.profiler, which
+    has the same ``profile``, ``schedule`` and ``tensorboard_trace_handler(dir_name, worker_name)``), the
+    ``activities`` to record, extra ``options`` for ``module.profile`` and ``sort_by``, the key_averages() column
+    of the top-operators table (None: the module has no key_averages, it writes its own operator tables)."""
+    module: object
+    activities: list
+    options: dict
+    sort_by: str = None
+
+
+def profiler_kit(kind):
+    """torch.profiler on the CPU and CUDA; on the NPU torch_npu.profiler (torch_npu/profiler/__init__.py), whose
+    analysis of a trace writes ASCEND_PROFILER_OUTPUT/operator_details.csv and kernel_details.csv beside it.
+    Level1 adds the AI Core kernels' pipeline use to those tables (experimental_config.py)."""
+    if kind == "npu":
+        npu_profiler = importlib.import_module("torch_npu.profiler")
+        config = npu_profiler._ExperimentalConfig(profiler_level=npu_profiler.ProfilerLevel.Level1,
+                                                  aic_metrics=npu_profiler.AiCMetrics.PipeUtilization)
+        return ProfilerKit(npu_profiler, [npu_profiler.ProfilerActivity.CPU, npu_profiler.ProfilerActivity.NPU],
+                           {"experimental_config": config})
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if kind == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return ProfilerKit(torch.profiler, activities, {},
+                       "self_device_time_total" if kind == "cuda" else "self_cpu_time_total")

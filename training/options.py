@@ -1,18 +1,14 @@
 """main.py's command line: its options (``build_parser``, ``parse_args``) and everything about them that can be
 checked before any process starts (``check_args``), so a mistake costs one line, not a traceback."""
-import autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see autoload_off.py)
-
 import argparse
 import os
 
-import data
-import device
-import metrics
 import mnasnet
-import named_weights
-import pipeline
-import profiling
-from utils import UserError
+from training import \
+    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
+from training import data, demo, devices, distributed, metrics, named_weights, pipeline, profiling, transforms
+from training.precision import import_apex_amp
+from training.utils import UserError
 
 
 def build_parser():
@@ -51,9 +47,9 @@ def add_data_options(parser):
     group.add_argument("--crop-pct", default=None, type=float,
                        help="timm's crop fraction: sets --val-resize-size to floor(--val-crop-size / CROP_PCT) "
                             "(0.875: 256 for 224); giving both that disagree is an error")
-    group.add_argument("--interpolation", default="bilinear", choices=data.INTERPOLATIONS,
+    group.add_argument("--interpolation", default="bilinear", choices=transforms.INTERPOLATIONS,
                        help="validation's resize; named --pretrained weights set their own unless given")
-    group.add_argument("--auto-augment", default=None, choices=sorted(data.AUTO_AUGMENT),
+    group.add_argument("--auto-augment", default=None, choices=sorted(transforms.AUTO_AUGMENT),
                        help="ta_wide: TrivialAugmentWide, ra: RandAugment (torchvision.transforms.v2)")
     group.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
     group.add_argument("--mixup", default=0.0, type=float, help="MixUp alpha (0: off)")
@@ -192,7 +188,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.data is None and not args.dummy:
         # No data set given: the short demo run, unless the user set a flag explicitly.
-        parser.set_defaults(**data.DEMO_DEFAULTS)
+        parser.set_defaults(**demo.DEMO_DEFAULTS)
         args = parser.parse_args(argv)
     args.explicit_options = explicit_options(argv, vars(args))
     return args
@@ -281,7 +277,7 @@ def check_weights(args):
 
 def check_devices(args):
     """The device kind and what it can run, the device ids, the distributed options."""
-    args.device_kind = device.resolve_device_kind(args.device)
+    args.device_kind = devices.resolve_device_kind(args.device)
     if args.sync_bn and args.device_kind == "cpu":
         raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
     if args.amp and args.amp_backend == "apex":
@@ -297,12 +293,12 @@ def check_devices(args):
     if args.amp and args.amp_backend == "apex":
         if args.device_kind == "cpu":
             raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
-        device.import_apex_amp(args.device_kind)
+        import_apex_amp(args.device_kind)
     default_ids = "0"
-    if (args.multiprocessing_distributed or device.launcher_ranks() is not None) and args.device_kind != "cpu":
-        default_ids = ",".join(str(i) for i in range(device.device_count(args.device_kind)))
-    args.device_ids = device.parse_device_list(args.device_list or default_ids, args.device_kind)
-    device.check_distributed_args(args)
+    if (args.multiprocessing_distributed or distributed.launcher_ranks() is not None) and args.device_kind != "cpu":
+        default_ids = ",".join(str(i) for i in range(devices.device_count(args.device_kind)))
+    args.device_ids = devices.parse_device_list(args.device_list or default_ids, args.device_kind)
+    distributed.check_distributed_args(args)
 
 
 def data_folder(args):
@@ -311,7 +307,7 @@ def data_folder(args):
         return None
     if args.data is None:
         check_output_dir(args)  # the demo's folder is written inside it
-        return data.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
+        return demo.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     data.check_layout(args.data, need_train=not args.evaluate)
     return args.data
 

@@ -9,10 +9,8 @@ import time
 
 import torch
 
-import data
-import device
-import pipeline
-from utils import UserError
+from training import data, devices, pipeline, transforms
+from training.utils import UserError
 
 
 class ToDevice:
@@ -27,8 +25,8 @@ class ToDevice:
     def __init__(self, runtime):
         self.runtime = runtime
         # Made on the current stream; DeviceLoader's side stream waits for it before its first use.
-        self.mean = torch.tensor(data.IMAGENET_MEAN, device=runtime.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data.IMAGENET_STD, device=runtime.device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(transforms.IMAGENET_MEAN, device=runtime.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(transforms.IMAGENET_STD, device=runtime.device).view(1, 3, 1, 1) * 255
 
     def start_pass(self):
         """A new pass over the data begins (DeviceLoader.__iter__)."""
@@ -112,9 +110,9 @@ class DeviceDecode(ToDevice):
         if not decoded:
             return torch.empty(0, 3, self.size, self.size, device=self.runtime.device), self.labels(target)
         if self.train:
-            out = [pipeline.random_resized_crop_flip(img, self.size, self.scale) for img in decoded]
+            out = [transforms.random_resized_crop_flip(img, self.size, self.scale) for img in decoded]
         else:
-            out = [pipeline.resize_center_crop(img, self.resize_size, self.size, self.interpolation)
+            out = [transforms.resize_center_crop(img, self.resize_size, self.size, self.interpolation)
                    for img in decoded]
         images = torch.stack(out).contiguous(memory_format=self.runtime.memory_format)
         return self.normalize(images), self.labels(target)
@@ -143,7 +141,7 @@ class DeviceDecode(ToDevice):
         except RuntimeError as exc:
             device_error = exc
         try:
-            return pipeline.decode(encoded.data).to(self.runtime.device, non_blocking=True)
+            return transforms.decode(encoded.data).to(self.runtime.device, non_blocking=True)
         except data.UnreadableImage:
             # The JPEG decoder's reason names what is broken ("Unsupported marker type"); PIL's is vaguer.
             self._unreadable(encoded.path, _decoder_message(device_error))
@@ -170,7 +168,7 @@ class DeviceLoader:
     """Iterates ``loader``, yielding ``transfer(batch)``; on CUDA/NPU batch k+1 is prepared on a side stream
     while the caller computes on batch k.
 
-    ``copy_seconds``: host time spent in ``transfer`` calls so far (engine.StepBreakdown's copy time). On CUDA/NPU
+    ``copy_seconds``: host time spent in ``transfer`` calls so far (meters.StepBreakdown's copy time). On CUDA/NPU
     that is issuing the copy (and the device normalisation or decode) to the side stream, not the transfer itself,
     which overlaps the compute; on the CPU it is the whole device stage, run inline."""
 
@@ -191,7 +189,7 @@ class DeviceLoader:
 
     def __iter__(self):
         self.transfer.start_pass()
-        module = device.device_module(self.runtime.kind)
+        module = devices.device_module(self.runtime.kind)
         if module is None:
             for batch in self.loader:
                 yield self._timed_transfer(batch)

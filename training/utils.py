@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-
 # Ctrl-C and a scheduler's pre-emption: the run saves where it stands and stops.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -101,76 +100,3 @@ def count_correct(output, target, topk=(1, 5)):
     pred = output.topk(maxk, dim=1).indices
     hits = pred.eq(target.view(-1, 1))
     return [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
-
-
-class MetricSums:
-    """Running sums of loss and top-1/top-5 hits kept on the device.
-
-    Updating never syncs with the host; ``pull()`` moves everything in one transfer, so a GPU/NPU is
-    only stalled when a line is printed.
-    """
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        # float32: Ascend NPUs and HCCL have little float64 support, and float32 counts exactly past ImageNet's
-        # 1.28M images per epoch (to 2**24).
-        self.sums = torch.zeros(3, dtype=torch.float32, device=self.device)
-        self.count = 0
-
-    def update(self, loss, output, target):
-        batch = target.shape[0]
-        top1, top5 = count_correct(output, target)
-        self.sums += torch.stack([loss.detach().float() * batch, top1.float(), top5.float()])
-        self.count += batch
-
-    def pull(self):
-        """(count, mean loss, Acc@1 %, Acc@5 %) as Python numbers, and reset."""
-        loss_sum, top1, top5 = self.sums.tolist()
-        count = self.count
-        self.reset()
-        if count == 0:
-            return 0, float("nan"), float("nan"), float("nan")
-        return count, loss_sum / count, 100.0 * top1 / count, 100.0 * top5 / count
-
-
-class SkippedSteps:
-    """Optimizer steps skipped for non-finite gradients: the total, and the longest run of them in a row.
-
-    ``add`` takes each step's verdict: a bool, or from a loss scaler a bool tensor on the device, which is
-    counted there (tensors and ints mix in the same arithmetic), so the scaler's verdict costs no host sync
-    until ``total()`` or ``longest_run()`` reads it.
-    """
-
-    def __init__(self):
-        self._total = self._run = self._longest = 0
-
-    def add(self, applied):
-        skipped = (~applied).int() if torch.is_tensor(applied) else int(not applied)
-        self._total = self._total + skipped
-        self._run = (self._run + skipped) * skipped
-        self._longest = self._longest + (self._run > self._longest) * (self._run - self._longest)
-
-    def total(self):
-        return int(self._total)
-
-    def longest_run(self):
-        return int(self._longest)
-
-
-class Average:
-    """A host-side running mean weighted by counts."""
-
-    def __init__(self):
-        self.total = 0.0
-        self.count = 0
-
-    def add(self, value, count=1):
-        self.total += value * count
-        self.count += count
-
-    @property
-    def mean(self):
-        return self.total / self.count if self.count else float("nan")
