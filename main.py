@@ -27,7 +27,7 @@ from training import \
     autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import (checkpoint, data, distributed, engine, meters, metrics, named_weights, pipeline, prefetch,
                       profiling, recipe, transforms)
-from training.options import check_args, parse_args
+from training.options import check_args, parse_args, prepare
 from training.precision import Precision, build_precision
 from training.utils import UserError, epoch_seed, exit_on_user_error, seed_everything, setup_logging, state_digest
 
@@ -35,10 +35,11 @@ DUMMY_CLASSES = 1000
 
 
 def main(argv=None):
-    """Parse and check the command line, then run main_worker in each process (distributed.launch)."""
+    """Parse and check the command line, prepare the machine, then run main_worker in each process."""
     args = parse_args(argv)
     with exit_on_user_error():
         check_args(args)
+        prepare(args)
         distributed.launch(main_worker, args)
 
 

@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 
 launch() {
     local start
-    start=$(date +%s)
+    start=$(monotonic_seconds)
     # The options, checked before anything slow.
     declare_options
     parse_args "$@"
@@ -55,10 +55,17 @@ launch() {
     # main.py, which starts a process per rank; then the summary.
     build_command
     run_main
-    report $(($(date +%s) - start))
+    report $(($(monotonic_seconds) - start))
 }
 
 # --- Small helpers ---
+
+# Whole seconds since boot: the wall clock can be stepped during a run (NTP, a VM's clock sync), this cannot.
+monotonic_seconds() {
+    local uptime rest
+    read -r uptime rest < /proc/uptime
+    echo "${uptime%.*}"
+}
 
 die() {
     echo "error: $*" >&2

@@ -220,8 +220,9 @@ def test_fuse_bn_folds_sync_batchnorm_and_scores_the_same():
 def test_compile_on_npu_is_refused_naming_torch_npus_backends(monkeypatch, tmp_path):
     monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "npu")
     args = main.parse_args(["--dummy", "--compile", "--output-dir", str(tmp_path)])
+    main.check_args(args)
     with pytest.raises(UserError) as error:
-        main.check_args(args)
+        main.prepare(args)
     assert "npugraph_ex" in str(error.value) and "torchair" not in str(error.value)
 
 

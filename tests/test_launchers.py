@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,24 @@ SCRIPTS = ["train_full_1p.sh", "train_performance_1p.sh", "train_full_8p.sh", "t
 # The launchers run main.py with this interpreter. One thread per process: OpenMP threads spinning on a
 # busy 2-core machine make steps 100x slower.
 ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wall_clock_that_steps(tmp_path_factory):
+    """The launchers run under a `date` whose seconds jump an hour forward at every reading, as NTP or a VM's clock
+    sync can step the wall clock during a run: their E2ETrainingTime must not come from it."""
+    folder = tmp_path_factory.mktemp("stepping-clock")
+    (folder / "date").write_text(f"""#!/bin/sh
+[ "$*" = "+%s" ] || exec {shutil.which("date")} "$@"
+readings=$(cat "$0.readings" 2>/dev/null || echo 0)
+echo $((readings + 1)) > "$0.readings"
+echo $(( $({shutil.which("date")} +%s) + 3600 * readings ))
+""")
+    (folder / "date").chmod(0o755)
+    path = ENV["PATH"]
+    ENV["PATH"] = f"{folder}{os.pathsep}{path}"
+    yield
+    ENV["PATH"] = path
 
 
 def launch(script, *args, timeout=180):

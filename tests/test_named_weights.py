@@ -260,6 +260,7 @@ def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tm
                             "--val-resize-size", "56", "--val-crop-size", "48", "-j", "0", "-b", "1",
                             "--device", "cpu", "--output-dir", str(tmp_path)])
     main.check_args(args)
+    main.prepare(args)
     _, val_set = main.build_datasets(args)
     _, val_loader, _ = main.build_loaders(None, val_set, _cpu_runtime(), args, log=None)
     images, _ = next(iter(val_loader))

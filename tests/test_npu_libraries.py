@@ -100,12 +100,12 @@ def ascend_apex_on_cpu(monkeypatch):
     apex_amp.install(monkeypatch)
     monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
     monkeypatch.setattr(devices, "device_count", lambda kind: 1)
-    check_args, build_precision = main.check_args, main.build_precision
+    prepare, build_precision = main.prepare, main.build_precision
 
-    def checked_then_on_the_cpu(args):
-        check_args(args)
+    def prepared_then_on_the_cpu(args):
+        prepare(args)
         args.device_kind = "cpu"
-    monkeypatch.setattr(main, "check_args", checked_then_on_the_cpu)
+    monkeypatch.setattr(main, "prepare", prepared_then_on_the_cpu)
     monkeypatch.setattr(main, "build_precision", lambda kind, *rest: build_precision("npu", *rest))
 
 

@@ -27,12 +27,12 @@ def apex_on_cpu(monkeypatch):
     apex_amp.install(monkeypatch)
     monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
     monkeypatch.setattr(devices, "device_count", lambda kind: 1)
-    check_args = main.check_args
+    prepare = main.prepare
 
-    def checked_then_on_the_cpu(args):
-        check_args(args)
+    def prepared_then_on_the_cpu(args):
+        prepare(args)
         args.device_kind = "cpu"
-    monkeypatch.setattr(main, "check_args", checked_then_on_the_cpu)
+    monkeypatch.setattr(main, "prepare", prepared_then_on_the_cpu)
 
 
 # --- apex's zero_grad takes no arguments ---

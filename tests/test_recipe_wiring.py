@@ -152,7 +152,7 @@ class ModelBuilt(Exception):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_sync_bn_converts_every_batchnorm_when_distributed(image_folder, tmp_path, monkeypatch, world_size):
-    """SyncBatchNorm cannot train on the CPU (check_args refuses --sync-bn there), so the run is stopped when the
+    """SyncBatchNorm cannot train on the CPU (prepare refuses --sync-bn there), so the run is stopped when the
     model reaches the optimizer: with several processes every BatchNorm is a SyncBatchNorm, keeping its momentum
     and the checkpoint keys; one process keeps plain BatchNorm."""
     models = []
@@ -164,6 +164,7 @@ def test_sync_bn_converts_every_batchnorm_when_distributed(image_folder, tmp_pat
     monkeypatch.setattr(recipe, "parameter_groups", stop_at_parameter_groups)
     args = main.parse_args([image_folder, *tiny_flags(tmp_path)])
     main.check_args(args)
+    main.prepare(args)
     args.sync_bn = True
     with pytest.raises(ModelBuilt):
         main.main_worker(0, args)

@@ -197,7 +197,7 @@ def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_fo
 
 def _loaders(image_folder, tmp_path, *extra):
     args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
-    main.check_args(args)
+    main.prepare(args)
     runtime = distributed.Runtime(kind="cpu", device=torch.device("cpu"))
     train_set, val_set = main.build_datasets(args)
     return main.build_loaders(train_set, val_set, runtime, args, main.setup_logging(str(tmp_path), "t.log", 0))

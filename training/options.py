@@ -203,16 +203,39 @@ def explicit_options(argv, dests):
 
 
 def check_args(args):
-    """Everything that can be checked before any process starts, so a mistake costs one line, not a traceback."""
+    """Everything the command line alone decides, checked before anything is created, imported or downloaded, so
+    that a mistake costs one line, not a traceback. Changes nothing: prepare() derives the run's settings."""
     check_values(args)
     check_weights(args)
+    check_combinations(args)
     if args.tensorboard:
         metrics.tensorboard_writer_class()
+
+
+def prepare(args):
+    """What the run needs from this machine, after check_args: the device kind (importing torch_npu, or apex),
+    the output folder (created), the data folder (the demo's written into it), the named weights (fetched once
+    here rather than in every process at once). Each may fail with one line.
+
+    The settings derived from the command line are set on ``args`` here and nowhere else: ``device_kind``,
+    ``device_ids``, ``data_dir`` (None with --dummy), ``named_weights`` (None or the published weights),
+    ``val_preprocessing`` (the log's line; validation's crop, resize and interpolation follow the weights unless
+    given), ``profile_window``; and ``fuse_bn`` is off under apex. Returns ``args``."""
+    args.profile_window = profiling.parse_steps(args.profile_steps)
+    args.named_weights = named_weights.resolve(args.pretrained, args.arch) if is_named(args.pretrained) else None
+    args.val_preprocessing = choose_val_preprocessing(args, args.named_weights)
+    args.device_kind = devices.resolve_device_kind(args.device)
     check_devices(args)
+    if args.amp and args.amp_backend == "apex":
+        import_apex_amp(args.device_kind)
+        args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
+    args.device_ids = device_ids(args)
+    distributed.check_distributed_args(args)
     args.data_dir = data_folder(args)
     check_output_dir(args)
     if args.named_weights is not None:
-        named_weights.fetch(args.named_weights)  # last (a download), and once rather than in every process at once
+        named_weights.fetch(args.named_weights)
+    return args
 
 
 def check_values(args):
@@ -235,7 +258,7 @@ def check_values(args):
     check_precision(args)
     if args.start_epoch is not None and not 0 <= args.start_epoch < args.epochs:
         raise UserError(f"--start-epoch {args.start_epoch} must be at least 0 and below --epochs {args.epochs}")
-    args.profile_window = profiling.parse_steps(args.profile_steps)
+    profiling.parse_steps(args.profile_steps)
     if args.profile and args.evaluate:
         raise UserError("--profile records training steps; -e/--evaluate trains none")
     if "profile_steps" in args.explicit_options and not args.profile:
@@ -261,44 +284,51 @@ def check_precision(args):
         raise UserError(f"--init-loss-scale must be a positive number, got {args.init_loss_scale:g}")
 
 
+def is_named(pretrained):
+    """--pretrained torchvision / timm: a library's published weights rather than a file."""
+    return pretrained in named_weights.SOURCES
+
+
 def check_weights(args):
-    """--resume and --pretrained exist (named weights are resolved, fetched last); validation's preprocessing."""
+    """--resume and --pretrained exist, the named weights are published for --arch, --crop-pct is a fraction."""
     if args.evaluate and not (args.resume or args.pretrained):
         raise UserError("--evaluate needs weights: give --resume PATH or --pretrained PATH|torchvision|timm")
-    args.named_weights = None
-    if args.pretrained in named_weights.SOURCES:
-        args.named_weights = named_weights.resolve(args.pretrained, args.arch)
+    if is_named(args.pretrained):
+        named_weights.resolve(args.pretrained, args.arch)
     for flag in ("resume", "pretrained"):
         path = getattr(args, flag)
-        if path and not os.path.isfile(path) and not (flag == "pretrained" and args.named_weights):
+        if path and not os.path.isfile(path) and not (flag == "pretrained" and is_named(path)):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
-    args.val_preprocessing = choose_val_preprocessing(args, args.named_weights)
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
+def check_combinations(args):
+    """Options that only work together, whatever the device."""
+    if (args.auto_augment or args.random_erase) and args.pipeline != "standard":
+        raise UserError("--auto-augment and --random-erase work on PIL images: add --pipeline standard")
 
 
 def check_devices(args):
-    """The device kind and what it can run, the device ids, the distributed options."""
-    args.device_kind = devices.resolve_device_kind(args.device)
+    """What the device kind can run."""
     if args.sync_bn and args.device_kind == "cpu":
         raise UserError("--sync-bn needs NPUs or CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
-    if args.amp and args.amp_backend == "apex":
-        args.fuse_bn = False  # apex patches the model's forward with its casts; a traced copy would lose them
     if args.compile and args.device_kind == "npu":
         raise UserError("--compile is refused on NPU: torch_npu registers its own torch.compile backends (npu, "
                         "npugraph_ex, npugraphs), but this project has not been tested with them on an NPU; leave "
                         "--compile off on NPU")
     if args.pipeline == "gpu" and args.device_kind == "npu":
         raise UserError("--pipeline gpu decodes with nvJPEG on a CUDA device; on NPU use --pipeline fast")
-    if (args.auto_augment or args.random_erase) and args.pipeline != "standard":
-        raise UserError("--auto-augment and --random-erase work on PIL images: add --pipeline standard")
-    if args.amp and args.amp_backend == "apex":
-        if args.device_kind == "cpu":
-            raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
-        import_apex_amp(args.device_kind)
+    if args.amp and args.amp_backend == "apex" and args.device_kind == "cpu":
+        raise UserError("--amp-backend apex needs an NPU or a CUDA GPU; on the CPU use --amp-backend native")
+
+
+def device_ids(args):
+    """--device-list, checked; by default device 0, or every device for one process per device."""
     default_ids = "0"
     if (args.multiprocessing_distributed or distributed.launcher_ranks() is not None) and args.device_kind != "cpu":
         default_ids = ",".join(str(i) for i in range(devices.device_count(args.device_kind)))
-    args.device_ids = devices.parse_device_list(args.device_list or default_ids, args.device_kind)
-    distributed.check_distributed_args(args)
+    return devices.parse_device_list(args.device_list or default_ids, args.device_kind)
 
 
 def data_folder(args):
@@ -328,8 +358,6 @@ def choose_val_preprocessing(args, weights):
     the weights') makes the resize floor(crop / crop pct), timm's rule, unless --val-resize-size is given.
     Returns what was chosen and why, for the log."""
     given = set(args.explicit_options)
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     published = weights.preprocessing if weights is not None else None
     origin = {name: "flag" if name in given else "default"
               for name in ("val_crop_size", "val_resize_size", "interpolation")}
