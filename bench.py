@@ -15,6 +15,8 @@
 Run as a script, it re-executes itself under tcmalloc or jemalloc when one is installed (see
 ``preload_fast_allocator``).
 """
+from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
+
 import argparse
 import copy
 import ctypes.util
@@ -34,8 +36,6 @@ import torch.nn as nn
 from PIL import Image
 
 import mnasnet
-from training import \
-    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import devices, distributed, engine, transforms
 from training.meters import MetricSums
 from training.precision import NativeAmp, Precision

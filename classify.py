@@ -6,14 +6,14 @@
 Names are the class folder names stored in our checkpoints; a 1000-class model whose file names none, or
 whose folders are WordNet ids (n01440764 ...), gets the ImageNet names torchvision ships.
 """
+from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
+
 import argparse
 import re
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training import \
-    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import checkpoint, transforms
 from training.utils import UserError, exit_on_user_error
 

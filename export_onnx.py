@@ -7,14 +7,14 @@ Reads our checkpoints, ``module.``-prefixed ones and torchvision's state dicts. 
 reference's pthtar2onnx.py. For Ascend offline inference, tools/onnx_to_om.sh turns the file into .om models with
 ATC, one per batch size (``--input_shape="input:16,3,224,224"``).
 """
+from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
+
 import argparse
 import os
 import warnings
 
 import torch
 
-from training import \
-    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import checkpoint
 from training.utils import exit_on_user_error
 

@@ -10,11 +10,11 @@ Read top to bottom: main() parses and launches one process per device, train() i
 functions after it come in the order train() calls them; ``Run`` holds what a run builds, and saves and stops it.
 The options and their checks are in options.py.
 """
+from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
+
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
 import time
@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 
 import mnasnet
-from training import \
-    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import (checkpoint, data, distributed, engine, meters, metrics, named_weights, pipeline, prefetch,
                       profiling, recipe, transforms)
 from training.options import check_args, parse_args, prepare
 from training.precision import Precision, build_precision
+from training.summary import RunSummary
 from training.utils import UserError, epoch_seed, exit_on_user_error, seed_everything, setup_logging, state_digest
 
 DUMMY_CLASSES = 1000
@@ -66,16 +65,16 @@ def train(local_rank, args, stop):
     runtime, log = set_up_process(args, local_rank)
     train_set, val_set = build_datasets(args)
     log_run_shape(train_set, val_set, runtime, args, log)
-    run = build_run(args, runtime, log, stop, val_set.classes, run_start)
+    run = build_run(args, runtime, log, stop, val_set.classes)
     run.prepare_output_dir()
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
     run.schedule(train_loader)
-    start_epoch, start_step, resumed_rng = start_point(run)
-    run.summary = new_summary(args, runtime)
+    start = start_point(run)
+    run.summary = RunSummary(args, runtime, run_start)
     if args.evaluate:
         evaluate_only(run, val_loader)
         return
-    train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, start_step, resumed_rng)
+    train_epochs(run, train_loader, val_loader, train_sampler, start)
     run.finish()
 
 
@@ -138,7 +137,7 @@ def log_run_shape(train_set, val_set, runtime, args, log):
     log.info(f"=> {args.val_preprocessing}")
 
 
-def build_run(args, runtime, log, stop, classes, run_start):
+def build_run(args, runtime, log, stop, classes):
     """The model (with its starting weights), loss, optimizer, precision, EMA and the wrappers the loops call.
     ``classes`` label both sets (with -e there is no train set)."""
     num_classes = len(classes)
@@ -158,7 +157,7 @@ def build_run(args, runtime, log, stop, classes, run_start):
         model = torch.compile(model, backend=args.compile)
     # Class folder names travel in the checkpoint, so classify.py can name its predictions.
     class_names = list(classes) if args.data_dir is not None else None
-    return Run(args=args, runtime=runtime, log=log, stop=stop, started=run_start, model=model,
+    return Run(args=args, runtime=runtime, log=log, stop=stop, model=model,
                model_without_ddp=model_without_ddp, ema=ema, criterion=criterion, optimizer=optimizer,
                precision=precision, mix=transforms.batch_mix(num_classes, args.mixup, args.cutmix),
                num_classes=num_classes, class_names=class_names,
@@ -231,33 +230,43 @@ def default_workers(runtime):
     return max(1, min(16, cpus_per_process(runtime) - 1))
 
 
+@dataclasses.dataclass
+class StartPoint:
+    """Where training starts (``epoch``, ``step``) and, for a resumed run, what its checkpoint had reached: the
+    random state to restore mid-epoch, the best Acc@1, the figures of an epoch trained but not yet validated."""
+    epoch: int = 0
+    step: int = 0
+    rng: list = None
+    best_acc1: float = 0.0
+    trained_epoch: dict = None
+
+
 def start_point(run):
-    """Where training starts, --resume's checkpoint or --start-epoch: (epoch, step, RNG state to restore
-    mid-epoch or None); a resumed run also takes the checkpoint's best Acc@1."""
+    """--resume's checkpoint or --start-epoch; a resumed run also takes the checkpoint's best Acc@1."""
     args = run.args
-    start_epoch, start_step, resumed_rng = args.start_epoch or 0, 0, None
+    start = StartPoint(epoch=args.start_epoch or 0)
     if args.resume:
-        start_epoch, start_step, run.best_acc1, resumed_rng, run.trained_epoch = resume(
-            args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema, run.runtime, run.log)
-    start_epoch, start_step = first_unfinished_step(start_epoch, start_step, run.steps_per_epoch, run.trained_epoch)
-    if args.resume and not args.evaluate and start_epoch >= args.epochs:
-        raise UserError(f"--resume {args.resume} has finished its {start_epoch} epochs, all of --epochs "
+        start = resume(args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema,
+                       run.runtime, run.log)
+        run.best_acc1, run.trained_epoch = start.best_acc1, start.trained_epoch
+    start.epoch, start.step = first_unfinished_step(start.epoch, start.step, run.steps_per_epoch, run.trained_epoch)
+    if args.resume and not args.evaluate and start.epoch >= args.epochs:
+        raise UserError(f"--resume {args.resume} has finished its {start.epoch} epochs, all of --epochs "
                         f"{args.epochs}: give a larger --epochs to train on, or -e to evaluate it")
-    return start_epoch, start_step, resumed_rng
+    return start
 
 
 def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
     """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
-    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns (epoch, step,
-    best Acc@1, RNG state to restore mid-epoch, the training figures of an epoch trained to its end but not yet
-    validated or None)."""
+    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns its StartPoint
+    (-e: the default one)."""
     state = checkpoint.load_file(args.resume)
     missing = [] if args.evaluate else checkpoint.missing_run_state(state)
     if missing:
         raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
                         f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
     checkpoint.load_model_weights(model, state, args.arch, args.resume)
-    where = (0, 0, 0.0, None, None)
+    start = StartPoint()
     if not args.evaluate:
         kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
                    for group in optimizer.param_groups]
@@ -268,8 +277,8 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
         precision.load_state_dict(state.get("precision", {}))
         if ema is not None and "model_ema" in state:
             ema.load_state_dict(state["model_ema"])
-        where = (state["epoch"], state.get("step", 0), state["best_acc1"], resumed_rng_state(state, runtime, log),
-                 state.get("trained_epoch"))
+        start = StartPoint(state["epoch"], state.get("step", 0), resumed_rng_state(state, runtime, log),
+                           state["best_acc1"], state.get("trained_epoch"))
         if args.start_epoch is not None and args.start_epoch != state["epoch"]:
             log.warning(f"=> --start-epoch {args.start_epoch} ignored: the resumed run goes on at the "
                         f"checkpoint's epoch {state['epoch']}")
@@ -281,7 +290,7 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
                      f"scaled by {factor:.4g} from here on")
     log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")
-    return where
+    return start
 
 
 def first_unfinished_step(epoch, step, steps_per_epoch, trained_epoch):
@@ -303,46 +312,42 @@ def resumed_rng_state(state, runtime, log):
     return saved[runtime.rank]
 
 
-def new_summary(args, runtime):
-    """The run's figures, filled in as it goes and written by --summary-json (the test/ launchers read it)."""
-    return {"arch": args.arch, "device_type": runtime.kind, "world_size": runtime.world_size,
-            "batch_size": args.batch_size, "epochs": 0, "train_steps": 0, "train_loss": None, "train_acc1": None,
-            "val_loss": None, "val_acc1": None, "val_acc5": None, "val_images": None, "train_skipped_images": 0,
-            "val_skipped_images": 0, "skipped_steps": 0, "stopped": None, "history": [],
-            **breakdown_summary(meters.StepBreakdown())}
-
-
 def evaluate_only(run, val_loader):
     """-e: score the weights once, write the summary."""
     args, stop = run.args, run.stop
     # Compiled for -e only: a frozen compile is made for one set of weights, and torch 2.14 keeps each one's
     # weights (about 50 MB for mnasnet1_0) after it is gone, so compiling every epoch's validation would leak.
     scored = engine.inference_model(run.model_without_ddp, args.fuse_bn, args.compile)
-    result = engine.evaluate(scored, run.criterion, run.precision, val_loader, run.runtime, args, run.log, stop)
+    result = engine.evaluate(scored, run.criterion, run.precision, val_loader, run.runtime, run.log, stop,
+                             args.print_freq)
     if result is None:
         run.log.info(f"=> stopped by {stop.name} during validation")
         raise SystemExit(128 + stop.signum)
-    run.summary.update(val_summary(result), best_acc1=result["acc1"])
-    run.write_summary(measured=False)
+    run.summary.add_validation(result)
+    run.summary.update(best_acc1=result["acc1"])
+    run.summary.write(run.log)
 
 
-def train_epochs(run, train_loader, val_loader, train_sampler, start_epoch, start_step, resumed_rng):
-    """The epoch loop: train, validate, record, checkpoint. Returns after the last epoch; a stop exits."""
+def train_epochs(run, train_loader, val_loader, train_sampler, start):
+    """The epoch loop from ``start``: train, validate, record, checkpoint. Returns after the last epoch; a stop
+    exits."""
     args, runtime = run.args, run.runtime
-    profiler = start_profiler(args, runtime, run.steps_per_epoch - start_step) if args.profile else None
-    run.metrics_log = metrics.MetricsLog(args.output_dir, start_epoch, args.tensorboard) if runtime.is_main else None
-    for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        start_epoch_streams(run, train_sampler, epoch, first_step, resumed_rng)
+    profiler = start_profiler(args, runtime, run.steps_per_epoch - start.step) if args.profile else None
+    run.metrics_log = metrics.MetricsLog(args.output_dir, start.epoch, args.tensorboard) if runtime.is_main else None
+    for epoch in range(start.epoch, args.epochs):
+        first_step = start.step if epoch == start.epoch else 0
+        start_epoch_streams(run, train_sampler, epoch, first_step, start.rng)
         epoch_start, epoch_lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
         if first_step >= run.steps_per_epoch:
             # The interrupted run trained this epoch to its end: it is validated and recorded with the saved figures.
             train_stats = {**run.trained_epoch, "breakdown": meters.StepBreakdown()}
             epoch_lr, train_seconds = run.trained_epoch["lr"], run.trained_epoch["seconds"]
         else:
-            train_stats = engine.train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler,
-                                                 run.precision, train_loader, runtime, epoch, args, run.log,
-                                                 run.throughput, run.stop, first_step, run.ema, run.mix, profiler)
+            train_stats = engine.train_one_epoch(
+                run.model, run.criterion, run.optimizer, run.scheduler, run.precision, train_loader, runtime, epoch,
+                run.log, run.throughput, run.stop, batch_size=args.batch_size, print_freq=args.print_freq,
+                max_steps=args.max_steps, max_nonfinite_steps=args.max_nonfinite_steps, start_step=first_step,
+                ema=run.ema, ema_steps=args.model_ema_steps, mix=run.mix, profiler=profiler)
             train_seconds = time.perf_counter() - epoch_start
             if profiler is not None:
                 profiler.finish(run.log, runtime.is_main)  # the window is in the first epoch: validation stays out
@@ -392,10 +397,7 @@ def validate_epoch(run, val_loader, epoch, steps_done):
     if scored is None:
         run.stop_run(run.stop.name, epoch, steps_done)
     val_stats, ema_stats = scored
-    run.summary.update(val_summary(val_stats))
-    if ema_stats:
-        run.summary.update(ema_val_loss=ema_stats["loss"], ema_val_acc1=ema_stats["acc1"],
-                           ema_val_acc5=ema_stats["acc5"])
+    run.summary.add_validation(val_stats, ema_stats)
     return val_stats, ema_stats
 
 
@@ -403,18 +405,13 @@ def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, 
     """Score the weights and, with --model-ema, their EMA: (weights' stats, EMA's stats or {}), or None when the
     run was asked to stop."""
     scored = engine.inference_model(model_without_ddp, args.fuse_bn)
-    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop)
+    val_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, log, stop, args.print_freq)
     if val_stats is None or ema is None:
         return None if val_stats is None else (val_stats, {})
     scored = engine.inference_model(ema, args.fuse_bn)
-    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, args, log, stop, name="EMA")
+    ema_stats = engine.evaluate(scored, criterion, precision, val_loader, runtime, log, stop, args.print_freq,
+                                name="EMA")
     return None if ema_stats is None else (val_stats, ema_stats)
-
-
-def val_summary(stats):
-    """The summary's validation fields from evaluate()'s result."""
-    return {"val_loss": stats["loss"], "val_acc1": stats["acc1"], "val_acc5": stats["acc5"],
-            "val_images": stats["count"], "val_skipped_images": stats["skipped_images"]}
 
 
 def breakdown_line(epoch, breakdown):
@@ -422,11 +419,6 @@ def breakdown_line(epoch, breakdown):
     return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
             f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "
             f"(data wait {100 * breakdown.data_share:.0f}%)")
-
-
-def breakdown_summary(breakdown):
-    """The run's mean step, split (data_ms, copy_ms, compute_ms), and the share of it spent waiting for data."""
-    return {**breakdown.means_ms(), "data_wait_share": breakdown.data_share}
 
 
 @dataclasses.dataclass
@@ -438,7 +430,6 @@ class Run:
     runtime: distributed.Runtime
     log: logging.Logger
     stop: engine.StopRequest
-    started: float  # time.perf_counter() at the run's start
     model: nn.Module
     model_without_ddp: nn.Module
     ema: object  # torch.optim.swa_utils.AveragedModel with --model-ema, else None
@@ -451,7 +442,7 @@ class Run:
     throughput: meters.ThroughputMeter
     scheduler: object = None
     steps_per_epoch: int = 1
-    summary: dict = None
+    summary: RunSummary = None
     best_acc1: float = 0.0
     metrics_log: metrics.MetricsLog = None
     breakdown: meters.StepBreakdown = dataclasses.field(default_factory=meters.StepBreakdown)
@@ -503,21 +494,15 @@ class Run:
         """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
         path = self.save(epoch, step, is_best, best_is_ema)
         self.summary.update(stopped=reason, best_acc1=self.best_acc1)
-        self.write_summary()
-        where = f"epoch {epoch}, step {step}/{self.steps_per_epoch}"
+        self.summary.write(self.log, self.throughput)
         saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
-        if reason == "non-finite":
-            in_a_row = self.args.max_nonfinite_steps if self.precision.has_scaler else 1
-            raise UserError(f"the gradients were not finite at {where} ({in_a_row} step(s) in a row); the weights "
-                            f"of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
-                            f"schedule to the new value) or check the data")
-        self.log.info(f"=> stopped by {reason} at {where}; {saved}")
-        raise SystemExit(128 + self.stop.signum)
+        self.stop.end_run(reason, f"epoch {epoch}, step {step}/{self.steps_per_epoch}", saved,
+                          engine.nonfinite_limit(self.args.max_nonfinite_steps, self.precision), self.log)
 
     def record_training(self, epoch, first_step, stats, seconds, lr):
         """Log the epoch's step breakdown (and, once, a slow loader) and add its training figures to the summary;
         keep them for a checkpoint written before the epoch is validated."""
-        args, log, summary = self.args, self.log, self.summary
+        args, log = self.args, self.log
         self.trained_epoch = {key: stats[key] for key in ("loss", "acc1", "count", "skipped_images", "skipped_steps")}
         self.trained_epoch.update(seconds=seconds, lr=lr)
         epoch_breakdown = stats["breakdown"]
@@ -527,12 +512,7 @@ class Run:
         if slow_loader and not self.slow_loader_said:
             log.warning(slow_loader)
             self.slow_loader_said = True
-        summary.update(breakdown_summary(self.breakdown))
-        summary.update(epochs=summary["epochs"] + 1,
-                       train_steps=summary["train_steps"] + stats["steps_done"] - first_step,
-                       train_loss=stats["loss"], train_acc1=stats["acc1"],
-                       train_skipped_images=stats["skipped_images"],
-                       skipped_steps=summary["skipped_steps"] + stats["skipped_steps"])
+        self.summary.add_training(stats, first_step, self.breakdown)
         if stats["skipped_images"] or stats["skipped_steps"]:
             log.info(f"=> epoch {epoch}: {stats['skipped_images']} unreadable images replaced, "
                      f"{stats['skipped_steps']} steps skipped (non-finite gradients)")
@@ -541,10 +521,7 @@ class Run:
         """The epoch's row in the summary's history and, on rank 0, in the metrics log."""
         means_ms = train_stats["breakdown"].means_ms()
         acc1 = val_stats.get("acc1")
-        self.summary["history"].append({"epoch": epoch, "train_loss": train_stats["loss"],
-                                        "train_acc1": train_stats["acc1"], "val_acc1": acc1,
-                                        "train_skipped_images": train_stats["skipped_images"],
-                                        "skipped_steps": train_stats["skipped_steps"], **means_ms})
+        self.summary.add_epoch(epoch, train_stats, acc1)
         if self.metrics_log is not None:
             # Written before the checkpoint: a crash in between is redone on resume, which rewrites this row.
             self.metrics_log.write(epoch=epoch, train_loss=train_stats["loss"], train_acc1=train_stats["acc1"],
@@ -569,38 +546,10 @@ class Run:
             self.metrics_log.close()
             metrics.plot_curves(self.metrics_log.path, metrics.default_png(self.metrics_log.path))
         # Every rank logs it (ranks > 0 in rank<k>.log): equal digests prove all nodes ended with the same weights.
-        self.summary["weights_sha256"] = state_digest(self.model_without_ddp.state_dict())
-        self.log.info(f"=> rank {self.runtime.rank} weights sha256 {self.summary['weights_sha256']}")
-        self.summary["best_acc1"] = self.best_acc1
-        self.write_summary()
-
-    def write_summary(self, measured=True):
-        """Complete the summary (with the throughput meter's figures when ``measured``: -e measures none) and write
-        --summary-json."""
-        summary, throughput = self.summary, self.throughput
-        if measured:
-            summary.update(measured_steps=throughput.steps, measured_images=throughput.images,
-                           measured_seconds=throughput.seconds, fps=throughput.fps,
-                           step_time_ms=throughput.step_time_ms)
-            self.log.info(f"=> mean FPS {throughput.fps:.2f} over {throughput.steps} measured steps "
-                          f"({throughput.step_time_ms:.1f} ms/step)")
-        summary["e2e_seconds"] = time.perf_counter() - self.started
-        peak = self.runtime.max_memory_allocated()
-        summary["peak_device_memory_mb"] = peak / 2 ** 20 if peak is not None else None
-        if self.args.summary_json and self.runtime.is_main:
-            with open(self.args.summary_json, "w") as handle:
-                json.dump(_finite(summary), handle, indent=2)
-
-
-def _finite(value):
-    """JSON has no NaN: a metric that could not be computed is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
+        digest = state_digest(self.model_without_ddp.state_dict())
+        self.log.info(f"=> rank {self.runtime.rank} weights sha256 {digest}")
+        self.summary.update(weights_sha256=digest, best_acc1=self.best_acc1)
+        self.summary.write(self.log, self.throughput)
 
 
 if __name__ == "__main__":

@@ -100,13 +100,14 @@ def test_eval_shard_sampler_visits_every_index_once():
     for total in (0, 1, 2, 10, 11):
         seen = []
         for rank in range(3):
-            shard = list(data.EvalShardSampler(total, 3, rank))
-            assert len(data.EvalShardSampler(list(range(total)), 3, rank)) == len(shard)
+            sampler = data.EvalShardSampler(range(total), 3, rank)
+            shard = list(sampler)
+            assert len(sampler) == len(shard)
             seen += shard
         assert sorted(seen) == list(range(total))
-    assert list(data.EvalShardSampler(10, 3, 1)) == [1, 4, 7]
+    assert list(data.EvalShardSampler(range(10), 3, 1)) == [1, 4, 7]
     with pytest.raises(ValueError):
-        data.EvalShardSampler(10, 3, 3)
+        data.EvalShardSampler(range(10), 3, 3)
 
 
 def test_synthetic_images_are_deterministic():
@@ -155,18 +156,19 @@ def test_prepare_demo_folder_distrusts_a_half_written_folder(tmp_path):
         demo.prepare_demo_folder(root)
 
 
-def test_build_loader_seeded_shuffle_and_augmentation_repeat(folder):
-    ids = list(range(40))
-    orders = [[int(i) for batch in data.build_loader(ids, 4, 0, shuffle=True, seed=7) for i in batch]
-              for _ in range(2)]
-    assert orders[0] == orders[1] != ids and sorted(orders[0]) == ids
-    other = [int(i) for batch in data.build_loader(ids, 4, 0, shuffle=True, seed=8) for i in batch]
-    assert other != orders[0]
+def test_build_loader_seeded_order_and_augmentation_repeat(folder):
+    def order(seed, epoch=0):
+        sampler = data.TrainSampler(range(40), 1, 0, seed)
+        sampler.set_epoch(epoch)
+        return [index for _, index in sampler]
+    assert order(7) == order(7) != list(range(40)) and sorted(order(7)) == list(range(40))
+    assert order(8) != order(7) and order(7, epoch=1) != order(7)
 
     train_set, _ = data.image_folders(folder, transforms.train_transform(64), None)
     runs = []
     for _ in range(2):
-        loader = data.build_loader(train_set, 3, 1, shuffle=True, drop_last=True, seed=5)
+        loader = data.build_loader(train_set, 3, 1, sampler=data.TrainSampler(train_set, 1, 0, 5), drop_last=True,
+                                   seed=5)
         assert loader.persistent_workers and len(loader) == 3
         runs.append([(x, y) for x, y in loader])
     for (xa, ya), (xb, yb) in zip(*runs):

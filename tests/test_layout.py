@@ -49,3 +49,21 @@ def test_a_bare_import_of_a_root_module_is_caught(tmp_path):
     path = tmp_path / "probe.py"
     path.write_text("def f():\n    import main\n    from engine import x\n")
     assert [name for name, _ in _imported_modules(path)] == ["main", "engine", "engine.x"]
+
+
+def _first_imports(path):
+    with open(path) as handle:
+        tree = ast.parse(handle.read(), path)
+    return [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def test_every_entry_point_switches_torch_npu_autoload_off_before_anything_imports_torch():
+    """An import sorter moves ``from training import autoload_off`` below ``import torch`` unless told not to;
+    then torch autoloads a torch_npu that cannot load and every run fails (training/autoload_off.py)."""
+    entry_points = [f"{name}.py" for name in sorted(COMMANDS)] + ["tools/device_check.py", "tools/onnx_to_om.py"]
+    for entry_point in entry_points:
+        imports = _first_imports(os.path.join(ROOT, entry_point))
+        first = next(node for node in imports if not (isinstance(node, ast.Import) and
+                                                       node.names[0].name in ("os", "sys", "time")))
+        assert isinstance(first, ast.ImportFrom) and (first.module, first.names[0].name) == \
+            ("training", "autoload_off"), entry_point

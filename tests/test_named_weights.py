@@ -224,8 +224,11 @@ def test_crop_pct_sets_the_resize_and_flags_win_over_the_weights():
     (["--crop-pct", "1.2"], "--crop-pct must be in (0, 1], got 1.2"),
 ])
 def test_crop_pct_refusals(argv, message):
+    """A --crop-pct out of range is refused by the checks, one that contradicts the sizes when they are chosen."""
+    args = main.parse_args(["x", *argv])
     with pytest.raises(UserError) as raised:
-        chosen(*argv)
+        main.check_args(args)
+        options.choose_val_preprocessing(args, None)
     assert str(raised.value) == message
 
 

@@ -135,7 +135,7 @@ def _losses(image_folder, name, steps=3):
     (train_tf, read), _ = pipeline.build(name, args)
     train_set, _ = data.image_folders(image_folder, train_tf, None, loaders=(read, read))
     runtime = _cpu_runtime()
-    loader = data.build_loader(train_set, 8, 0, shuffle=True, drop_last=True, seed=0,
+    loader = data.build_loader(train_set, 8, 0, sampler=data.TrainSampler(train_set, 1, 0, 0), drop_last=True, seed=0,
                                collate_fn=pipeline.collate_bytes if name == "gpu" else None)
     transfer = prefetch.DeviceDecode(runtime, True, CROP, (0.35, 1.0)) if name == "gpu" else None
     torch.manual_seed(0)

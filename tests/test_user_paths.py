@@ -19,7 +19,7 @@ from PIL import Image
 import main
 from conftest import ROOT, tiny_flags, write_image_folder
 from test_main import expect_error, run_main
-from training import data, distributed, pipeline
+from training import data, distributed, pipeline, transforms
 from training.precision import Precision
 
 # Runs main.py with the loss raising on the N-th training step of one rank. The patch is at module level, so
@@ -184,9 +184,9 @@ def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_fo
     def broken(*args, **kwargs):
         raise ValueError("a bug in a transform")
     # Every pipeline's training crop goes through one of these.
-    monkeypatch.setattr(pipeline.F, "resized_crop", broken)
-    monkeypatch.setattr(pipeline.Image.Image, "resize", broken)
-    monkeypatch.setattr(data.transforms.RandomResizedCrop, "forward", broken)
+    monkeypatch.setattr(transforms.F, "resized_crop", broken)
+    monkeypatch.setattr(transforms.Image.Image, "resize", broken)
+    monkeypatch.setattr(transforms.T.RandomResizedCrop, "forward", broken)
     train_set, _ = _datasets(image_folder, name)
     with pytest.raises(ValueError, match="a bug in a transform"):
         train_set[0]

@@ -38,6 +38,8 @@ import time
 STARTED = time.time()  # the budget counts the start-up too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from training import autoload_off  # noqa: E402,F401  # isort: skip  (before torch, see training/autoload_off.py)
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -50,8 +52,6 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from training import \
-    autoload_off  # noqa: E402,F401  (before torch: no torch_npu autoload, see training/autoload_off.py)
 from training import demo, devices, distributed  # noqa: E402
 
 OVERFLOW_LOSS_SCALE = 2 ** 24

@@ -18,6 +18,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training import autoload_off  # noqa: E402,F401  # isort: skip  (before torch, see training/autoload_off.py)
+
 import argparse  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
@@ -27,8 +29,6 @@ import subprocess  # noqa: E402
 import onnx  # noqa: E402
 
 from export_onnx import INPUT_NAME  # noqa: E402
-from training import \
-    autoload_off  # noqa: E402,F401  (before torch: no torch_npu autoload, see training/autoload_off.py)
 from training.utils import UserError, exit_on_user_error  # noqa: E402
 
 ATC_LOG_LEVELS = ("debug", "info", "warning", "error", "null")

@@ -256,7 +256,7 @@ class EvalShardSampler(Sampler):
     """Indices rank, rank+R, rank+2R, ...: every index on exactly one rank, no padding, no drops."""
 
     def __init__(self, dataset, num_replicas, rank):
-        self.total = dataset if isinstance(dataset, int) else len(dataset)
+        self.total = len(dataset)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.num_replicas = num_replicas
@@ -372,17 +372,16 @@ def _ignore_stop_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def build_loader(dataset, batch_size, workers, sampler=None, shuffle=False, drop_last=False,
-                 pin_memory=False, seed=None, collate_fn=None, persistent=True):
+def build_loader(dataset, batch_size, workers, sampler=None, drop_last=False, pin_memory=False, seed=None,
+                 collate_fn=None, persistent=True):
     """A DataLoader; with ``persistent`` its workers live from the first pass to the end of the run (training's
     every epoch), otherwise they end with each pass (validation: not alive beside training's all run long)."""
-    # With a seeded generator the shuffle order is reproducible, and so are the worker seeds: the
-    # DataLoader derives each worker's torch/random/numpy seeds from a base seed drawn from it.
+    # The order is the sampler's; with a seeded generator the worker seeds are reproducible too: the DataLoader
+    # derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,

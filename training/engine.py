@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from training import meters
 from training.meters import MetricSums, SkippedSteps
-from training.utils import STOP_SIGNALS, interactive
+from training.utils import STOP_SIGNALS, UserError, interactive
 
 
 class StopRequest:
@@ -53,31 +53,50 @@ class StopRequest:
             return True
         return False
 
+    def end_run(self, reason, where, saved, nonfinite_in_a_row, log):
+        """Exit once the run has saved where it stands (``saved`` says what and how to resume). Gradients that
+        stayed non-finite are the user's to fix: a one-line error. A signal exits with 128 + its number, the status
+        of a process it killed, so that schedulers see a pre-empted run, not a finished one."""
+        if reason == "non-finite":
+            raise UserError(f"the gradients were not finite at {where} ({nonfinite_in_a_row} step(s) in a row); the "
+                            f"weights of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
+                            f"schedule to the new value) or check the data")
+        log.info(f"=> stopped by {reason} at {where}; {saved}")
+        raise SystemExit(128 + self.signum)
 
-def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, args, log,
-                    throughput, stop, start_step=0, ema=None, mix=None, profiler=None):
-    """Train for one epoch (or ``args.max_steps`` steps), from ``start_step`` (the loader starts there too).
+
+def nonfinite_limit(max_nonfinite_steps, precision):
+    """Non-finite steps in a row that stop a run: --max-nonfinite-steps with a loss scaler (which skips overflowing
+    steps while it lowers the scale), else the first."""
+    return max_nonfinite_steps if precision.has_scaler else 1
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, log, throughput, stop,
+                    *, batch_size, print_freq, max_steps=0, max_nonfinite_steps=1, start_step=0, ema=None,
+                    ema_steps=1, mix=None, profiler=None):
+    """Train for one epoch (or to step ``max_steps``), from ``start_step`` (the loader starts there too).
 
     Returns the global mean loss, Acc@1, Acc@5 of the steps run, ``steps_done`` (of this epoch, counting
     ``start_step``), ``skipped_steps`` (not applied: non-finite gradients) and ``stopped``: None, or why the
     epoch ended early ('SIGTERM', 'SIGINT', 'non-finite').
     A step whose gradients are not finite is skipped. Without a loss scaler the first one stops the epoch;
-    with one (which skips overflowing steps while it lowers the scale), ``args.max_nonfinite_steps`` in a row,
+    with one (which skips overflowing steps while it lowers the scale), ``max_nonfinite_steps`` in a row,
     noticed at the next printed line (the scaler's verdict stays on the device until then).
     ``mix`` (MixUp/CutMix) turns a batch's labels into soft targets for the loss; accuracy is still scored
-    against each image's own label. ``ema`` is updated every ``args.model_ema_steps`` steps.
+    against each image's own label. ``ema`` is updated every ``ema_steps`` steps. ``batch_size`` (global) counts
+    the progress bar's images; a line is logged every ``print_freq`` steps.
     ``loader`` yields batches already on the device (prefetch.DeviceLoader). ``profiler`` (--profile), when
     given, is told each step's end. The result's ``breakdown`` is the epoch's StepBreakdown.
     """
     model.train()
     steps = start_step + len(loader)
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
+    if max_steps:
+        steps = min(steps, max_steps)
     skipped, stopped, steps_done = SkippedSteps(), None, start_step
     epoch_sums = MetricSums(runtime.device)
     progress = meters.EpochProgress(runtime, loader, epoch, steps, start_step + throughput.warmup_steps)
     # On a terminal only: log files (and pipes) get exactly the reference's lines.
-    bar = tqdm(total=steps * args.batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
+    bar = tqdm(total=steps * batch_size, desc=f"Epoch {epoch}", unit="img", unit_scale=True, leave=False,
                file=sys.stdout, disable=not (runtime.is_main and interactive()))
     runtime.synchronize()
     progress.start(start_step)
@@ -87,17 +106,17 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
         progress.batch_arrived()
         loss, output = _train_step(model, criterion, optimizer, scheduler, precision, images, labels, mix, skipped)
         steps_done = step + 1
-        if ema is not None and steps_done % args.model_ema_steps == 0:
+        if ema is not None and steps_done % ema_steps == 0:
             ema.update_parameters(model)
-        bar.update(args.batch_size)
+        bar.update(batch_size)
         progress.step_done(loss, output, labels, runtime.world_size)
         epoch_sums.update(loss, output, labels)
 
         if step + 1 == progress.window_first_step:
             runtime.synchronize()
             progress.open_window()
-        print_line = (step + 1) % args.print_freq == 0 or step + 1 == steps
-        stopped = _stop_reason(skipped, precision, args, stop, runtime, print_line)
+        print_line = (step + 1) % print_freq == 0 or step + 1 == steps
+        stopped = _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line)
         if print_line or stopped:
             runtime.synchronize()
             progress.log_line(log, step, skipped)
@@ -128,12 +147,12 @@ def _train_step(model, criterion, optimizer, scheduler, precision, images, label
     return loss, output
 
 
-def _stop_reason(skipped, precision, args, stop, runtime, print_line):
+def _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line):
     """Why the epoch ends after this step ('non-finite', or the signal's name), or None. With a loss scaler the
     non-finite count is read at printed lines only (the scaler's verdict stays on the device until then); the
     ranks agree on a signal at printed lines."""
-    nonfinite_limit = args.max_nonfinite_steps if precision.has_scaler else 1
-    if (print_line or not precision.has_scaler) and skipped.longest_run() >= nonfinite_limit:
+    if (print_line or not precision.has_scaler) and \
+            skipped.longest_run() >= nonfinite_limit(max_nonfinite_steps, precision):
         return "non-finite"
     if stop.requested(runtime, sync_point=print_line):
         return stop.name
@@ -194,7 +213,7 @@ def _plain_batchnorm(model):
 
 
 @torch.no_grad()
-def evaluate(model, criterion, precision, loader, runtime, args, log, stop, name=""):
+def evaluate(model, criterion, precision, loader, runtime, log, stop, print_freq, name=""):
     """Score every readable validation image exactly once across all ranks.
 
     Returns global loss, Acc@1, Acc@5, ``count`` (images scored) and ``skipped_images`` (unreadable), or None
@@ -213,7 +232,7 @@ def evaluate(model, criterion, precision, loader, runtime, args, log, stop, name
             output = model(images)
             loss = criterion(output, target)
         sums.update(loss.float(), output.float(), target)
-        if (step + 1) % args.print_freq == 0:
+        if (step + 1) % print_freq == 0:
             log.info(f"Test: [{step + 1}/{len(loader)}]")
     result = _global_means(sums, runtime, loader.skipped)
     skipped = f", {result['skipped_images']} unreadable skipped" if result["skipped_images"] else ""

@@ -1,11 +1,11 @@
 """main.py's command line: its options (``build_parser``, ``parse_args``) and everything about them that can be
 checked before any process starts (``check_args``), so a mistake costs one line, not a traceback."""
+from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
+
 import argparse
 import os
 
 import mnasnet
-from training import \
-    autoload_off  # noqa: F401  (first: torch must not autoload torch_npu, see training/autoload_off.py)
 from training import data, demo, devices, distributed, metrics, named_weights, pipeline, profiling, transforms
 from training.precision import import_apex_amp
 from training.utils import UserError

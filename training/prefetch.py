@@ -8,8 +8,9 @@ import re
 import time
 
 import torch
+from torchvision import io
 
-from training import data, devices, pipeline, transforms
+from training import data, devices, transforms
 from training.utils import UserError
 
 
@@ -131,7 +132,7 @@ class DeviceDecode(ToDevice):
             return [self._decode_one(f) for f in files]
 
     def _decode(self, raw):
-        return pipeline.io.decode_jpeg(raw, mode=pipeline.io.ImageReadMode.RGB, device=self.runtime.device)
+        return io.decode_jpeg(raw, mode=io.ImageReadMode.RGB, device=self.runtime.device)
 
     def _decode_one(self, encoded):
         try:

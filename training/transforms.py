@@ -113,6 +113,7 @@ class FastTrain:
     ``draft``: a JPEG crop at least twice the output size is decoded by PIL at 1/2, 1/4 or 1/8 scale and
     cropped + resized in one ``resize(box=...)``. Other crops go through torchvision.io decode and a tensor
     resize (``small="tensor"``, faster than PIL's at ImageNet's typical 300-500 px) or PIL (``small="pil"``).
+    --pipeline fast uses the defaults; the other settings are bench.py's comparisons of the decode paths.
     """
 
     def __init__(self, size, scale=(0.08, 1.0), draft=True, small="tensor"):
