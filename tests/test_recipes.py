@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_flags
-from test_main import run_main
+from helpers import run_main_in_process, tiny_flags
 from training import checkpoint, recipe, transforms
 
 
@@ -71,9 +70,9 @@ def test_ema_averages_weights_and_batchnorm_statistics():
 
 def test_model_ema_is_validated_checkpointed_resumed_and_can_be_best(image_folder, tmp_path):
     flags = ("--seed", "0", "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.7")
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *flags))
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "3", *flags, "--resume",
-                                                 str(tmp_path / checkpoint.CHECKPOINT_NAME)))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *flags))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "3", *flags, "--resume",
+                                                            str(tmp_path / checkpoint.CHECKPOINT_NAME)))
     assert "ema_val_acc1" in summary
     saved = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert int(saved["model_ema"]["n_averaged"]) == 3 * 4  # every step of all 3 epochs: the resume kept it
@@ -85,8 +84,8 @@ def test_model_ema_is_validated_checkpointed_resumed_and_can_be_best(image_folde
     best = torch.load(tmp_path / checkpoint.BEST_NAME, map_location="cpu", weights_only=True)
     assert best["best_acc1"] == pytest.approx(best_score, abs=1e-3)
     # Whichever scored best, model_best.pth.tar's state_dict holds those weights.
-    result = run_main(image_folder, *tiny_flags(tmp_path / "eval", "--evaluate", "--resume",
-                                                str(tmp_path / checkpoint.BEST_NAME)))
+    result = run_main_in_process(image_folder, *tiny_flags(tmp_path / "eval", "--evaluate", "--resume",
+                                                           str(tmp_path / checkpoint.BEST_NAME)))
     assert result["val_acc1"] == pytest.approx(best["best_acc1"])
 
 
@@ -106,7 +105,7 @@ def test_batch_mix_gives_soft_targets():
 
 
 def test_paper_recipe_flags_train(image_folder, tmp_path):
-    summary = run_main(image_folder, *tiny_flags(
+    summary = run_main_in_process(image_folder, *tiny_flags(
         tmp_path, "--epochs", "1", "--max-steps", "2", "--opt", "rmsprop", "--lr-scheduler", "exponential",
         "--pipeline", "standard", "--auto-augment", "ra", "--random-erase", "0.2", "--mixup", "0.2", "--cutmix", "1.0", "--no-checkpoint"))
     assert math.isfinite(summary["train_loss"]) and 0 <= summary["train_acc1"] <= 100
@@ -127,7 +126,8 @@ def test_best_checkpoint_holds_the_better_of_weights_and_ema(image_folder, tmp_p
 
     monkeypatch.setattr(engine, "evaluate", scripted)
     flags = ("--seed", "0", "--model-ema", "--model-ema-steps", "1", "--max-steps", "2")
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", str(2 if not best_is_ema else 1), *flags))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", str(2 if not best_is_ema else 1),
+                                                            *flags))
     best = torch.load(tmp_path / checkpoint.BEST_NAME, map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert best["best_acc1"] == summary["best_acc1"] == (60.0 if best_is_ema else 70.0)

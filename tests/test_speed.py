@@ -1,17 +1,14 @@
 """Speed options give the results of the plain paths: torch.compile's loss trajectory, bf16 evaluation."""
-import collections
 import json
 import re
 
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import mnasnet
-from conftest import tiny_flags
-from test_main import run_main, weights
+from helpers import ConvolutionDtypes, run_main_in_process, tiny_flags, weights
 from training.precision import NativeAmp
 
 
@@ -33,8 +30,8 @@ def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path, monke
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        run_main(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "3", "--print-freq", "1",
-                                           "--seed", "0", "--dropout", "0", "--no-val", *extra))
+        run_main_in_process(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "3", "--print-freq", "1",
+                                                      "--seed", "0", "--dropout", "0", "--no-val", *extra))
         losses[name] = _step_losses(out)
     # One graph for the whole network, no breaks; inductor generated (or took from its cache) its forward and
     # backward code.
@@ -45,30 +42,6 @@ def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path, monke
     assert set(weights(tmp_path / "compiled" / "checkpoint.pth.tar")) == set(weights(tmp_path / "eager" / "checkpoint.pth.tar"))
 
 
-@pytest.fixture
-def bf16_cpu(monkeypatch):
-    """--amp's bf16 path on any CPU. Where oneDNN has no native bf16 (e.g. AVX2 only, as on the 2-core test machine)
-    NativeAmp stays in fp32, since emulated bf16 is slower; the casts it makes are the same either way, and emulated
-    bf16 kernels compute them, so the check is forced on to test those casts here too."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-
-
-class ConvolutionDtypes(TorchDispatchMode):
-    """Records each convolution that runs, forward and backward, below autocast (so after its casts):
-    (pass, depthwise, dtype of the input or output gradient, dtype of the weight)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
-            self.calls["forward", args[8] > 1, args[0].dtype, args[1].dtype] += 1
-        elif func is torch.ops.aten.convolution_backward.default:
-            self.calls["backward", args[9] > 1, args[0].dtype, args[2].dtype] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_path, bf16_cpu):
     """--amp on the CPU trains in bf16 with the depthwise convolutions in fp32, forward and backward: the fp32
     losses to bf16's precision, and checkpoints with the same plain keys."""
@@ -76,8 +49,8 @@ def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_pat
     for name, extra in (("fp32", []), ("amp", ["--amp"])):
         out = tmp_path / name
         with ConvolutionDtypes() as convolutions[name]:
-            run_main(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "4", "--print-freq", "1",
-                                               "--seed", "0", "--dropout", "0", "--no-val", *extra))
+            run_main_in_process(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "4", "--print-freq",
+                                                          "1", "--seed", "0", "--dropout", "0", "--no-val", *extra))
         losses[name] = _step_losses(out)
     assert "bf16, depthwise convolutions fp32 in training" in (tmp_path / "amp" / "train.log").read_text()
     # mnasnet0_5 has 17 depthwise and 35 other convolutions; 4 steps. The losses cannot tell bf16 everywhere from
@@ -116,8 +89,8 @@ def test_depthwise_convolutions_leave_autocast_only_in_training(bf16_cpu):
 
 @pytest.mark.parametrize("name", ["standard", "tensor", "gpu"])
 def test_each_pipeline_trains_and_validates_through_main(image_folder, tmp_path, name):
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--pipeline", name,
-                                                 "--fast-val", "--no-checkpoint"))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2",
+                                                            "--pipeline", name, "--fast-val", "--no-checkpoint"))
     assert summary["val_images"] == 15 and summary["train_steps"] == 2
 
 
