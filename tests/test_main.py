@@ -6,11 +6,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import main
-from helpers import expect_error, run_main_in_process, run_main_subprocess, tiny_flags, weights, write_image_folder
-from training import demo, engine, recipe
+from helpers import (expect_error, randomize, run_main_in_process, run_main_subprocess, tiny_flags, weights,
+                     write_image_folder)
+from training import demo, engine, recipe, transforms
 from training.utils import state_digest
 
 
@@ -100,11 +102,21 @@ def test_seed_makes_a_cpu_run_repeatable(image_folder, tmp_path):
 
 
 def test_pretrained_torchvision_weights_with_module_prefix(image_folder, tmp_path):
-    reference = torchvision.models.mnasnet0_5(num_classes=3)
+    # Off their init: an initialised network's logits are ~1e-7, and any such network would score ln(3).
+    reference = randomize(torchvision.models.mnasnet0_5(num_classes=3))
     path = tmp_path / "tv.pth"
     torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, path)
     result = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--evaluate", "--pretrained", str(path)))
     assert result["val_images"] == 15
+    # The weights main.py scored are the file's: its loss and Acc@1 are the reference model's on the same images,
+    # preprocessed as tiny_flags asks (resize 52, centre crop 48), with the default --label-smoothing 0.1; to
+    # the rounding of the BatchNorm folding that validation runs.
+    val_set = torchvision.datasets.ImageFolder(os.path.join(image_folder, "val"), transforms.val_transform(52, 48))
+    images, labels = torch.stack([image for image, _ in val_set]), torch.tensor(val_set.targets)
+    with torch.no_grad():
+        logits = reference.eval()(images)
+    assert result["val_loss"] == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-4)
+    assert result["val_acc1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
 
 
 def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
