@@ -235,7 +235,7 @@ KILLED_WRITER = textwrap.dedent("""
 
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=ROOT, out=str(tmp_path))],
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=str(ROOT), out=str(tmp_path))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
     proc.kill()

@@ -55,7 +55,7 @@ DUMMY = ("--dummy", "--dummy-images", "64", "--epochs", "2", "--no-checkpoint")
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_error_in_the_training_loop_ends_the_run_and_its_workers(tmp_path, processes):
     script = tmp_path / "failing_run.py"
-    script.write_text(FAILING_RUN.format(root=ROOT))
+    script.write_text(FAILING_RUN.format(root=str(ROOT)))
     flags = [*tiny_flags(tmp_path / "out", *DUMMY), "-j", "2"]
     if processes == 2:
         flags += ["-b", "16", "--multiprocessing-distributed", "--device-list", "0,1"]
