@@ -1,26 +1,15 @@
 import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # Tests share two cores with loader workers and with each other's processes; OpenMP threads that spin
 # on a busy core make every step 10-100x slower, so every test process uses one thread.
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-from training import demo  # noqa: E402
+from helpers import LAUNCHER_VARIABLES, write_image_folder  # noqa: E402  (helpers puts the checkout on sys.path)
 
 torch.set_num_threads(1)
-
-# Each class is a colour with a stripe orientation: learnable in a few steps, not by chance.
-CLASS_COLOURS = {"n01_red": (200, 40, 40), "n02_green": (40, 190, 60), "n03_blue": (40, 60, 210)}
-
-
-def write_image_folder(root, train_per_class=12, val_per_class=5, size=40, seed=0, classes=CLASS_COLOURS):
-    return demo.write_striped_folder(root, classes, train_per_class, val_per_class, size, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -111,15 +100,22 @@ def kernel_flags():
     torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
-def tiny_flags(output_dir, *extra):
-    """The smallest sensible run: mnasnet0_5 at 48 px (a 2x2 final feature map), CPU, no workers.
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launcher's variables (torchrun's, SLURM_*, MASTER_*) in this process's environment during the test;
+    returns the monkeypatch, for the test's own changes."""
+    for name in [*os.environ]:
+        if name.startswith("SLURM_") or name in LAUNCHER_VARIABLES:
+            monkeypatch.delenv(name)
+    return monkeypatch
 
-    BatchNorm momentum 0.3, so that a few dozen steps move the running statistics that validation uses.
-    """
-    return ["-a", "mnasnet0_5", "--device", "cpu", "-j", "0", "--train-crop-size", "48", "--val-resize-size", "52",
-            "--val-crop-size", "48", "-b", "8", "--lr", "0.01", "--wd", "1e-5", "--bn-momentum", "0.3",
-            "--min-crop-scale", "0.5", "--print-freq", "2",
-            "--fps-warmup-steps", "1", "--output-dir", str(output_dir), *extra]
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """--amp's bf16 path on any CPU. Where oneDNN has no native bf16 (e.g. AVX2 only, as on the 2-core test machine)
+    NativeAmp stays in fp32, since emulated bf16 is slower; the casts it makes are the same either way, and emulated
+    bf16 kernels compute them, so the check is forced on to test those casts here too."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
 
 
 def pytest_configure(config):

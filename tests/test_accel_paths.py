@@ -16,8 +16,7 @@ from PIL import Image
 
 import main
 import mnasnet
-from conftest import ROOT, tiny_flags, write_image_folder
-from test_main import expect_error, run_main
+from helpers import ROOT, cpu_runtime, expect_error, run_main_in_process, tiny_flags, write_image_folder
 from training import data, devices, distributed, engine, pipeline, prefetch
 from training.utils import UserError
 
@@ -81,16 +80,12 @@ def test_gpu_pipeline_file_bytes_cross_from_a_loader_worker(image_folder):
         assert files[0].path == path and bytes(files[0].data.numpy()) == handle.read() and labels[0] == label
 
 
-def _cpu_runtime():
-    return distributed.Runtime("cpu", torch.device("cpu"), memory_format=torch.channels_last)
-
-
 def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, caplog):
     paths = [_jpeg(tmp_path / "a.JPEG", 1), _corrupt_scan(tmp_path / "bad.JPEG"), _jpeg(tmp_path / "c.JPEG", 2)]
     files = [pipeline.bytes_loader(p) for p in paths]
     log = types.SimpleNamespace(warning=lambda message: logged.append(message))
     logged = []
-    train = prefetch.DeviceDecode(_cpu_runtime(), True, 32, log=log)
+    train = prefetch.DeviceDecode(cpu_runtime(), True, 32, log=log)
     train.start_pass()
     images, labels = train((files, torch.tensor([0, 1, 2])))
     # The unreadable second image is replaced by a readable one of the batch, label and all.
@@ -100,17 +95,17 @@ def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, ca
     assert train.skipped == 1 and len(logged) == 1  # counted once a pass, logged once a run
     train.start_pass()
     assert train.skipped == 0
-    val = prefetch.DeviceDecode(_cpu_runtime(), False, 32, resize_size=36)
+    val = prefetch.DeviceDecode(cpu_runtime(), False, 32, resize_size=36)
     images, labels = val((files, torch.tensor([0, 1, 2])))
     assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 2] and val.skipped == 1
     with pytest.raises(UserError, match="--strict-data"):
-        prefetch.DeviceDecode(_cpu_runtime(), True, 32, strict=True)((files, torch.tensor([0, 1, 2])))
+        prefetch.DeviceDecode(cpu_runtime(), True, 32, strict=True)((files, torch.tensor([0, 1, 2])))
 
 
 def test_a_validation_batch_of_unscored_files_only_is_empty(tmp_path):
     """The workers turned away every file of the batch (a rank's last batch of one, say): no images, no error."""
     files = [pipeline.bytes_loader(_jpeg(tmp_path / "a.JPEG", 1))]
-    val = prefetch.DeviceDecode(_cpu_runtime(), False, 32, resize_size=36)
+    val = prefetch.DeviceDecode(cpu_runtime(), False, 32, resize_size=36)
     images, labels = val((files, torch.tensor([data.SKIPPED_LABEL])))
     assert images.shape == (0, 3, 32, 32) and len(labels) == 0
 
@@ -130,8 +125,8 @@ def test_gpu_pipeline_counts_replaces_and_skips_unreadable_images(bad_jpeg_folde
     """--pipeline gpu (its device code on the CPU): the workers' header check and the device stage's decode
     each catch some of the broken files, and the run counts them as the other pipelines do."""
     root, bad = bad_jpeg_folder
-    summary = run_main(root, *tiny_flags(tmp_path, "--epochs", "2", "-j", "1", "--seed", "0", "--pipeline", "gpu",
-                                         "--fast-val"))
+    summary = run_main_in_process(root, *tiny_flags(tmp_path, "--epochs", "2", "-j", "1", "--seed", "0",
+                                                    "--pipeline", "gpu", "--fast-val"))
     log = (tmp_path / "train.log").read_text()
     for path in bad:
         assert log.count(path) == 1, log
@@ -172,7 +167,7 @@ def test_side_stream_waits_for_the_mean_and_std_before_it_first_uses_them(monkey
     wait for that stream before its first batch."""
     events = []
     _recording_streams(monkeypatch, events)
-    runtime = _cpu_runtime()
+    runtime = cpu_runtime()
     runtime.kind = "fake"
     transfer = prefetch.ToDevice(runtime)
 

@@ -1,7 +1,6 @@
 """How a process finds its device, its peers and its share of the CPUs (distributed.py's runtime setup, main.py's
 defaults, the launchers' NPU environment): a torch_npu that cannot load, rendezvous mistakes, one visible device
 per process, CPUs per node, and which errors count as a failed collective."""
-import argparse
 import os
 import signal
 import socket
@@ -14,52 +13,30 @@ import torch
 import torch.distributed as dist
 
 import main
-from conftest import ROOT, tiny_flags
-from test_main import expect_error
+from helpers import ROOT, clean_env, device_args, expect_error, run_main_subprocess, tiny_flags
 from training import distributed
 from training.utils import UserError
 
 # A torch_npu distribution that registers the wheel's torch.backends entry point and, like the real one without
 # CANN's environment, cannot load (tests/standins/torch_npu_site/torch_npu/__init__.py).
 BROKEN_NPU_SITE = os.path.join(ROOT, "tests", "standins", "torch_npu_site")
-LAUNCHER_VARIABLES = (*distributed.TORCHRUN_VARIABLES, "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ONE_STEP = ["--dummy", "--dummy-images", "16", "-a", "mnasnet0_5", "-j", "0", "--train-crop-size", "48",
             "--val-resize-size", "52", "--val-crop-size", "48", "-b", "8", "--epochs", "1", "--max-steps", "1",
             "--no-val", "--no-checkpoint"]
 
 
-def clean_env(**extra):
-    """This process's environment without launcher, SLURM or CANN variables; one thread per process."""
-    dropped = ("SLURM_", "ASCEND", "FAKE_NPU", "TORCH_DEVICE_BACKEND")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped) and k not in LAUNCHER_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_main(*argv, env, timeout=180):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
-
-
-@pytest.fixture
-def no_launcher(monkeypatch):
-    for name in [*os.environ]:
-        if name.startswith("SLURM_") or name in LAUNCHER_VARIABLES:
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 # --- a torch_npu that cannot load (CANN's set_env.sh not sourced) ---
 
 def test_cpu_run_does_not_depend_on_an_installed_torch_npu(tmp_path):
-    result = run_main(*ONE_STEP, "--device", "cpu", "--output-dir", str(tmp_path),
-                      env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    result = run_main_subprocess(*ONE_STEP, "--device", "cpu", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
     assert result.returncode == 0, result.stderr
     assert "torch_npu" not in result.stderr and "libhccl" not in result.stderr
 
 
 def test_device_auto_falls_back_to_the_cpu_in_one_line(tmp_path):
-    result = run_main(*ONE_STEP, "--device", "auto", "--output-dir", str(tmp_path),
-                      env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    result = run_main_subprocess(*ONE_STEP, "--device", "auto", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "torch_npu" in line]
     assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -68,8 +45,8 @@ def test_device_auto_falls_back_to_the_cpu_in_one_line(tmp_path):
 
 
 def test_device_npu_without_cann_is_one_line_naming_set_env(tmp_path):
-    result = run_main(*ONE_STEP, "--device", "npu", "--output-dir", str(tmp_path),
-                      env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
     assert result.returncode == 2
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1, err
@@ -81,9 +58,10 @@ def test_spawned_workers_import_torch_npu_themselves(tmp_path):
     interpreter) must import it again before it binds its NPU. The stand-in loads where ASCEND_HOME_PATH is set
     and logs its imports and set_device calls; it has no kernels, so the run fails after that, which is expected."""
     log = tmp_path / "npu.log"
-    result = run_main(*ONE_STEP, "--device", "npu", "--multiprocessing-distributed", "--output-dir", str(tmp_path),
-                      env=clean_env(PYTHONPATH=BROKEN_NPU_SITE, ASCEND_HOME_PATH=str(tmp_path),
-                                    FAKE_NPU_LOG=str(log), TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
+    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--multiprocessing-distributed",
+                                 "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE, ASCEND_HOME_PATH=str(tmp_path),
+                                               FAKE_NPU_LOG=str(log), TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
     lines = log.read_text().splitlines() if log.exists() else []
     imported = {line.split()[1] for line in lines if line.startswith("import ")}
     bound = [line.split()[1:] for line in lines if line.startswith("set_device ")]
@@ -204,9 +182,7 @@ def live_processes_in_session(session, grace=10):
 def test_sigterm_ends_a_run_waiting_at_the_rendezvous(tmp_path):
     """Node 0 of 2; node 1 never comes. SIGTERM to the launcher (a scheduler's pre-emption) ends it and its worker
     at once, not after --dist-timeout."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = distributed.free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *ONE_STEP, "--device", "cpu",
                              "--multiprocessing-distributed", "--world-size", "2", "--rank", "0",
                              "--dist-url", f"tcp://127.0.0.1:{port}", "--dist-timeout", "600",
@@ -236,13 +212,6 @@ def test_sigterm_ends_a_run_waiting_at_the_rendezvous(tmp_path):
 
 
 # --- one visible device per process ---
-
-def device_args(**values):
-    base = dict(device_kind="cuda", device_ids=[0], multiprocessing_distributed=False, world_size=1, rank=0,
-                dist_url="env://", dist_backend=None, dist_timeout=60, memory_format="auto", npu_jit_compile="auto",
-                npu_internal_format="auto", tf32="auto", deterministic=False)
-    return argparse.Namespace(**{**base, **values})
-
 
 @pytest.fixture
 def cuda_standin(monkeypatch, kernel_flags):

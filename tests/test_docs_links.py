@@ -4,12 +4,12 @@ Anchors follow GitHub's heading slugs: the heading's text lowercased, every char
 space, '-' or '_' dropped, spaces turned into '-'; the n-th repeat of a slug gets '-n'.
 """
 import re
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+from helpers import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
@@ -89,15 +89,15 @@ def test_a_broken_link_is_reported(tmp_path):
     assert [entry.split(":")[1] for entry in broken_links(page)] == ["6", "6", "6"]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve(page):
     assert list(relative_links(page)) or page.name != "README.md", "the README links to its docs/ pages"
     assert broken_links(page) == []
 
 
 def test_readme_is_short_and_docs_pages_exist():
-    readme = (REPO / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
     for name in ("speed", "reliability", "launchers", "recipes"):
-        assert (REPO / "docs" / f"{name}.md").exists(), name
+        assert (ROOT / "docs" / f"{name}.md").exists(), name
     assert not re.search(r"this session|earlier run today|measured again", readme)

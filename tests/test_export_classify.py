@@ -1,17 +1,14 @@
 """export_onnx.py (checked with onnxruntime) and the classify.py demo."""
 import os
 
-import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
 import torchvision
 
 import classify
 import export_onnx
-from conftest import CLASS_COLOURS, tiny_flags
-from test_main import run_main
+from helpers import CLASS_COLOURS, onnx_matches_torch, run_main_in_process, tiny_flags
 from training import checkpoint
 
 SIZE = 64
@@ -20,7 +17,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def our_checkpoint(image_folder, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("short")
-    run_main(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--max-steps", "2", "--seed", "0"))
+    run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--max-steps", "2", "--seed", "0"))
     return output_dir / checkpoint.CHECKPOINT_NAME
 
 
@@ -34,17 +31,6 @@ def torchvision_file(tmp_path_factory):
     return path
 
 
-def onnx_matches_torch(onnx_path, model):
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for batch in (1, 4):  # the batch axis is dynamic
-        images = torch.randn(batch, 3, SIZE, SIZE)
-        with torch.no_grad():
-            expected = model(images).numpy()
-        (actual,) = session.run(None, {"input": images.numpy()})
-        assert actual.shape == expected.shape
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
-
-
 def test_export_our_checkpoint(our_checkpoint, tmp_path, capsys):
     out = tmp_path / "ours.onnx"
     export_onnx.main([str(our_checkpoint), "-o", str(out), "--image-size", str(SIZE), "--verify"])
@@ -53,7 +39,7 @@ def test_export_our_checkpoint(our_checkpoint, tmp_path, capsys):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     model, _ = checkpoint.load_model(str(our_checkpoint))
     assert model.classifier[1].out_features == len(CLASS_COLOURS)
-    onnx_matches_torch(out, model)
+    onnx_matches_torch(out, model, SIZE)
 
 
 def test_export_torchvision_state_dict_needs_and_takes_arch(torchvision_file, tmp_path, capsys):
@@ -63,7 +49,7 @@ def test_export_torchvision_state_dict_needs_and_takes_arch(torchvision_file, tm
     assert exit_info.value.code == 2 and "-a/--arch" in capsys.readouterr().err
     export_onnx.main([str(torchvision_file), "-a", "mnasnet0_5", "-o", str(out), "--image-size", str(SIZE)])
     model, _ = checkpoint.load_model(str(torchvision_file), "mnasnet0_5")
-    onnx_matches_torch(out, model)
+    onnx_matches_torch(out, model, SIZE)
 
 
 def test_checkpoint_keeps_class_folder_names(our_checkpoint):

@@ -1,31 +1,18 @@
 """End-to-end tests of the test/*.sh launchers on CPU: tiny model, tiny crops, a few steps, 2 gloo processes."""
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import write_image_folder
+from helpers import LAUNCH_ENV, NETWORK, ROOT, TINY, launch, launch_ok, read_case, write_image_folder
 
-REPO = Path(__file__).resolve().parent.parent
-NETWORK = "MnasNet_for_PyTorch"
-# Small and fast: the launchers pass these on to main.py after their own flags, so they win.
-TINY = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "64", "--val-resize-size", "72",
-        "--val-crop-size", "64", "--print-freq", "1", "--seed", "0"]
 VAL_IMAGES = 9  # odd on purpose: 2 ranks must still count each image exactly once
 SCRIPTS = ["train_full_1p.sh", "train_performance_1p.sh", "train_full_8p.sh", "train_performance_8p.sh",
            "train_eval_8p.sh"]
-
-
-# The launchers run main.py with this interpreter. One thread per process: OpenMP threads spinning on a
-# busy 2-core machine make steps 100x slower.
-ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,31 +27,10 @@ echo $((readings + 1)) > "$0.readings"
 echo $(( $({shutil.which("date")} +%s) + 3600 * readings ))
 """)
     (folder / "date").chmod(0o755)
-    path = ENV["PATH"]
-    ENV["PATH"] = f"{folder}{os.pathsep}{path}"
+    path = LAUNCH_ENV["PATH"]
+    LAUNCH_ENV["PATH"] = f"{folder}{os.pathsep}{path}"
     yield
-    ENV["PATH"] = path
-
-
-def launch(script, *args, timeout=180):
-    return subprocess.run(["bash", str(REPO / "test" / script), *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def launch_ok(script, *args):
-    """The finished launch, with ``wall_seconds``: how long the test waited for it."""
-    start = time.perf_counter()
-    result = launch(script, *args)
-    result.wall_seconds = time.perf_counter() - start
-    assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def read_case(out_dir, case_name):
-    """The Key = value summary file and main.py's summary JSON of one run."""
-    fields = dict(line.split(" = ", 1) for line in (out_dir / f"{case_name}.log").read_text().splitlines())
-    summary = json.loads((out_dir / f"{case_name}.json").read_text())
-    return fields, summary
+    LAUNCH_ENV["PATH"] = path
 
 
 def check_common(result, out_dir, fields, summary, case_name, ranks, batch):
@@ -182,7 +148,7 @@ def test_eval_needs_an_existing_checkpoint(data_dir, tmp_path):
 def test_env_npu_without_cann():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "MNASNET_", "TASK_QUEUE"))}
     result = subprocess.run(["bash", "-c", "source test/env_npu.sh; source test/env_npu.sh; echo $TASK_QUEUE_ENABLE"],
-                            cwd=REPO, env=env, capture_output=True, text=True)
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0
     assert result.stderr.count("CANN not found") == 1
     assert result.stdout.strip() == "1"

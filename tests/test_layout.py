@@ -2,7 +2,7 @@
 import ast
 import os
 
-from conftest import ROOT
+from helpers import ROOT
 
 COMMANDS = {"main", "classify", "export_onnx", "bench"}
 PACKAGE = os.path.join(ROOT, "training")

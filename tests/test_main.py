@@ -3,43 +3,25 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import main
-from conftest import ROOT, tiny_flags
-from training import demo, engine, recipe
+from helpers import (expect_error, randomize, run_main_in_process, run_main_subprocess, tiny_flags, weights,
+                     write_image_folder)
+from training import demo, engine, recipe, transforms
 from training.utils import state_digest
-
-
-def run_main(*argv):
-    """main.main in this process; returns the summary JSON."""
-    output_dir = argv[argv.index("--output-dir") + 1]
-    summary_path = os.path.join(output_dir, "summary.json")
-    main.main([*argv, "--summary-json", summary_path])
-    with open(summary_path) as handle:
-        return json.load(handle)
-
-
-def run_subprocess(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.fixture(scope="module")
 def trained(image_folder, tmp_path_factory):
     """One short training run shared by the tests that inspect its results."""
     output_dir = tmp_path_factory.mktemp("trained")
-    summary = run_main(image_folder, *tiny_flags(output_dir, "--epochs", "8", "--warmup", "1", "--seed", "0",
-                                                 "--nesterov"))
+    summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "8", "--warmup", "1", "--seed", "0",
+                                                            "--nesterov"))
     return output_dir, summary
 
 
@@ -105,33 +87,44 @@ def test_checkpoints_are_plain_and_unprefixed(trained):
 
 def test_evaluate_reproduces_best_accuracy(trained, image_folder, tmp_path):
     output_dir, summary = trained
-    result = run_main(image_folder, *tiny_flags(tmp_path, "--evaluate", "--resume",
-                                                str(output_dir / "model_best.pth.tar")))
+    result = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--evaluate", "--resume",
+                                                           str(output_dir / "model_best.pth.tar")))
     assert result["val_acc1"] == pytest.approx(summary["best_acc1"])
     assert result["val_images"] == 15
 
 
 def test_seed_makes_a_cpu_run_repeatable(image_folder, tmp_path):
     for name in ("a", "b"):
-        run_main(image_folder, *tiny_flags(tmp_path / name, "--epochs", "1", "--seed", "3", "-j", "1", "--no-val"))
+        run_main_in_process(image_folder, *tiny_flags(tmp_path / name, "--epochs", "1", "--seed", "3", "-j", "1",
+                                                      "--no-val"))
     a, b = weights(tmp_path / "a" / "checkpoint.pth.tar"), weights(tmp_path / "b" / "checkpoint.pth.tar")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrained_torchvision_weights_with_module_prefix(image_folder, tmp_path):
-    reference = torchvision.models.mnasnet0_5(num_classes=3)
+    # Off their init: an initialised network's logits are ~1e-7, and any such network would score ln(3).
+    reference = randomize(torchvision.models.mnasnet0_5(num_classes=3))
     path = tmp_path / "tv.pth"
     torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, path)
-    result = run_main(image_folder, *tiny_flags(tmp_path, "--evaluate", "--pretrained", str(path)))
+    result = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--evaluate", "--pretrained", str(path)))
     assert result["val_images"] == 15
+    # The weights main.py scored are the file's: its loss and Acc@1 are the reference model's on the same images,
+    # preprocessed as tiny_flags asks (resize 52, centre crop 48), with the default --label-smoothing 0.1; to
+    # the rounding of the BatchNorm folding that validation runs.
+    val_set = torchvision.datasets.ImageFolder(os.path.join(image_folder, "val"), transforms.val_transform(52, 48))
+    images, labels = torch.stack([image for image, _ in val_set]), torch.tensor(val_set.targets)
+    with torch.no_grad():
+        logits = reference.eval()(images)
+    assert result["val_loss"] == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-4)
+    assert result["val_acc1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
 
 
 def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
     out = tmp_path / "ddp"
     summary_path = tmp_path / "ddp.json"
-    proc = run_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0",
-                                                    "--multiprocessing-distributed", "--device-list", "0,1",
-                                                    "--summary-json", str(summary_path)))
+    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0",
+                                                         "--multiprocessing-distributed", "--device-list", "0,1",
+                                                         "--summary-json", str(summary_path)))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(summary_path.read_text())
     assert summary["world_size"] == 2
@@ -142,8 +135,8 @@ def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tm
     # A single process scoring the saved weights gets what the two ranks did together: the same accuracy and, to
     # float rounding (1e-7 measured), the same loss; with each rank's own BatchNorm statistics, rank 1's half
     # would score other weights.
-    single = run_main(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
-                                                str(out / "checkpoint.pth.tar")))
+    single = run_main_in_process(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
+                                                           str(out / "checkpoint.pth.tar")))
     assert single["val_acc1"] == pytest.approx(summary["val_acc1"])
     assert single["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert single["val_images"] == 15
@@ -152,17 +145,6 @@ def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tm
     digest = state_digest(saved["state_dict"])
     assert summary["weights_sha256"] == digest
     assert f"=> rank 1 weights sha256 {digest}" in (out / "rank1.log").read_text()
-
-
-def expect_error(capsys, argv, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 or err.startswith("usage:"), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_missing_data_folder(tmp_path, capsys):
@@ -175,7 +157,6 @@ def test_data_folder_without_train(tmp_path, capsys):
 
 
 def test_val_class_missing_from_train(image_folder, tmp_path, capsys):
-    from conftest import write_image_folder
     data_dir = write_image_folder(tmp_path / "data", 2, 1)
     os.rename(os.path.join(data_dir, "val", "n03_blue"), os.path.join(data_dir, "val", "n04_purple"))
     expect_error(capsys, [data_dir, *tiny_flags(tmp_path / "out")], "n04_purple")
@@ -212,7 +193,7 @@ def test_absent_device(image_folder, tmp_path, capsys, device_name):
 
 
 def test_errors_from_a_fresh_process_are_one_line(tmp_path):
-    proc = run_subprocess(str(tmp_path / "missing"), "--device", "cpu", "--output-dir", str(tmp_path))
+    proc = run_main_subprocess(str(tmp_path / "missing"), "--device", "cpu", "--output-dir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
@@ -223,8 +204,8 @@ def test_bf16_evaluation_scores_like_fp32(trained, image_folder, tmp_path):
     output_dir, _ = trained
     scores = {}
     for name, extra in (("fp32", []), ("amp", ["--amp"])):
-        scores[name] = run_main(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained",
-                                                             str(output_dir / "checkpoint.pth.tar"), *extra))
+        scores[name] = run_main_in_process(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained",
+                                                                        str(output_dir / "checkpoint.pth.tar"), *extra))
     assert scores["amp"]["val_acc1"] == scores["fp32"]["val_acc1"]
     # bf16 keeps 8 bits of mantissa: through ~50 layers the loss moves by a few percent, the ranking does not.
     assert scores["amp"]["val_loss"] == pytest.approx(scores["fp32"]["val_loss"], rel=0.05)
@@ -244,7 +225,8 @@ def test_bn_folded_validation_scores_like_the_trained_model(trained, image_folde
     """Validation runs a copy with BatchNorm folded into the convolutions: same outputs, same scores."""
     output_dir, _ = trained
     weights_path = str(output_dir / "checkpoint.pth.tar")
-    scores = {flag: run_main(image_folder, *tiny_flags(tmp_path / flag, "-e", "--pretrained", weights_path, flag))
+    scores = {flag: run_main_in_process(image_folder, *tiny_flags(tmp_path / flag, "-e", "--pretrained", weights_path,
+                                                                  flag))
               for flag in ("--fuse-bn", "--no-fuse-bn")}
     assert scores["--fuse-bn"]["val_acc1"] == scores["--no-fuse-bn"]["val_acc1"]
     assert scores["--fuse-bn"]["val_loss"] == pytest.approx(scores["--no-fuse-bn"]["val_loss"], rel=1e-4)
@@ -266,8 +248,8 @@ def test_compiled_validation_scores_like_eager_and_sees_new_weights(trained, ima
     output_dir, _ = trained
     weights_path = str(output_dir / "checkpoint.pth.tar")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    scores = {name: run_main(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained", weights_path, "--amp",
-                                                          *extra))
+    scores = {name: run_main_in_process(image_folder, *tiny_flags(tmp_path / name, "-e", "--pretrained", weights_path,
+                                                                  "--amp", *extra))
               for name, extra in (("eager", []), ("compiled", ["--compile"]))}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     assert scores["compiled"]["val_acc1"] == scores["eager"]["val_acc1"]
@@ -308,6 +290,6 @@ def test_a_cuda_checkpoint_resumes_with_this_devices_optimizer_kernels(trained, 
         fused_steps.append(self.param_groups[0]["fused"])
         return original(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.SGD, "step", step)
-    run_main(image_folder, *tiny_flags(tmp_path / "run", "--resume", str(tmp_path / "cuda.pth.tar"), "--epochs",
-                                        str(state["epoch"] + 1), "--no-val", "--no-checkpoint"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path / "run", "--resume", str(tmp_path / "cuda.pth.tar"),
+                                                  "--epochs", str(state["epoch"] + 1), "--no-val", "--no-checkpoint"))
     assert fused_steps and not any(fused_steps)

@@ -4,8 +4,7 @@ import csv
 import pytest
 from PIL import Image
 
-from conftest import tiny_flags
-from test_main import run_main
+from helpers import run_main_in_process, tiny_flags
 from training import checkpoint, metrics
 
 
@@ -33,9 +32,9 @@ def resumed_run(image_folder, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "save_checkpoint", die_before_second_save)
         with pytest.raises(Killed):
-            run_main(image_folder, *flags)
+            run_main_in_process(image_folder, *flags)
     assert [row["epoch"] for row in read_csv(output_dir / metrics.CSV_NAME)] == ["0", "1"]
-    summary = run_main(image_folder, *flags, "--resume", str(output_dir / checkpoint.CHECKPOINT_NAME))
+    summary = run_main_in_process(image_folder, *flags, "--resume", str(output_dir / checkpoint.CHECKPOINT_NAME))
     return output_dir, summary
 
 
@@ -78,7 +77,8 @@ def test_plot_at_end_of_run_and_on_demand(resumed_run, tmp_path, capsys):
 
 
 def test_no_val_leaves_val_cells_empty(image_folder, tmp_path):
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--no-val", "--no-checkpoint"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--no-val",
+                                                  "--no-checkpoint"))
     (row,) = read_csv(tmp_path / metrics.CSV_NAME)
     assert row["val_acc1"] == "" and row["val_loss"] == "" and float(row["train_loss"]) > 0
     assert metrics.plot_curves(tmp_path / metrics.CSV_NAME, tmp_path / "p.png") == {"train loss": 1, "train Acc@1": 1}
@@ -93,11 +93,13 @@ def test_plot_of_a_missing_file_is_one_line(tmp_path, capsys):
 
 def test_progress_bar_on_a_terminal_only(image_folder, tmp_path, capsys, monkeypatch):
     from training import engine, utils
-    run_main(image_folder, *tiny_flags(tmp_path / "pipe", "--epochs", "1", "--max-steps", "2", "--no-checkpoint"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path / "pipe", "--epochs", "1", "--max-steps", "2",
+                                                  "--no-checkpoint"))
     assert "img/s" not in capsys.readouterr().out
     monkeypatch.setattr(utils, "interactive", lambda: True)
     monkeypatch.setattr(engine, "interactive", lambda: True)
-    run_main(image_folder, *tiny_flags(tmp_path / "tty", "--epochs", "1", "--max-steps", "2", "--no-checkpoint"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path / "tty", "--epochs", "1", "--max-steps", "2",
+                                                  "--no-checkpoint"))
     console = capsys.readouterr().out
     assert "Epoch 0: " in console and "img/s" in console  # the bar
     assert "Epoch: [0][2/2]\tTime " in console  # the reference lines, printed above it

@@ -7,12 +7,8 @@ from torch import nn
 
 import export_onnx
 import mnasnet
-from conftest import tiny_flags
-from test_export_classify import onnx_matches_torch
-from test_launchers import NETWORK, launch_ok, read_case
-from test_main import expect_error, run_main
-from test_model import _randomize
-from test_speed import ConvolutionDtypes, bf16_cpu  # noqa: F401  (bf16_cpu: a fixture)
+from helpers import (NETWORK, ConvolutionDtypes, expect_error, launch_ok, onnx_matches_torch, randomize, read_case,
+                     run_main_in_process, tiny_flags)
 from training import checkpoint, engine, timm_keys
 from training.precision import NativeAmp
 from training.utils import UserError
@@ -33,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _timm(name, seed=0, **kwargs):
     """timm's network with every weight, bias and BN statistic moved off its init, so outputs depend on all of
     them (the squeeze-excite's convolution biases start at zero)."""
-    model = _randomize(timm.create_model(name, pretrained=False, **kwargs), seed=seed)
+    model = randomize(timm.create_model(name, pretrained=False, **kwargs), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -162,7 +158,7 @@ def test_pretrained_file_that_fits_no_arch_stops_main(image_folder, tmp_path, ca
 
 
 def test_a1_bn_folded_validation_copy_traces_and_matches():
-    model = _randomize(mnasnet.mnasnet_a1_0_75(num_classes=5)).eval()
+    model = randomize(mnasnet.mnasnet_a1_0_75(num_classes=5)).eval()
     folded = engine.inference_model(model, fuse_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the trained model is left as it was
@@ -171,7 +167,7 @@ def test_a1_bn_folded_validation_copy_traces_and_matches():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_amp_runs_a1_depthwise_convolutions_in_fp32(bf16_cpu):  # noqa: F811
+def test_cpu_amp_runs_a1_depthwise_convolutions_in_fp32(bf16_cpu):
     """NativeAmp.prepare finds A1's 16 depthwise convolutions (not the squeeze-excite's 1x1s): fp32 forward and
     backward in training, everything else bf16."""
     model = mnasnet.mnasnet_a1_0_75(num_classes=3).train()
@@ -191,8 +187,8 @@ def test_cpu_amp_runs_a1_depthwise_convolutions_in_fp32(bf16_cpu):  # noqa: F811
 def a1_run(image_folder, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("a1")
     # Measured best Acc@1 with seeds 0, 1, 2: 86.7, 73.3, 93.3 (chance 33.3).
-    summary = run_main(image_folder, *tiny_flags(output_dir, "-a", "mnasnet_a1_0_75", "--epochs", "8",
-                                                 "--warmup", "1", "--seed", "0"))
+    summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "-a", "mnasnet_a1_0_75", "--epochs", "8",
+                                                            "--warmup", "1", "--seed", "0"))
     return output_dir, summary
 
 
@@ -213,13 +209,13 @@ def test_a1_exports_to_onnx_and_matches_onnxruntime(a1_run, tmp_path):
     export_onnx.main([str(output_dir / checkpoint.CHECKPOINT_NAME), "-o", str(out), "--image-size", "64"])
     model, _ = checkpoint.load_model(str(output_dir / checkpoint.CHECKPOINT_NAME))
     assert isinstance(model, mnasnet.MnasNetA1)
-    onnx_matches_torch(out, model)
+    onnx_matches_torch(out, model, 64)
 
 
 def test_a1_evaluate_reproduces_best_accuracy(a1_run, image_folder, tmp_path):
     output_dir, summary = a1_run
-    result = run_main(image_folder, *tiny_flags(tmp_path, "-a", "mnasnet_a1_0_75", "-e", "--resume",
-                                                str(output_dir / checkpoint.BEST_NAME)))
+    result = run_main_in_process(image_folder, *tiny_flags(tmp_path, "-a", "mnasnet_a1_0_75", "-e", "--resume",
+                                                           str(output_dir / checkpoint.BEST_NAME)))
     assert result["val_acc1"] == pytest.approx(summary["best_acc1"])
 
 

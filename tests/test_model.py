@@ -1,6 +1,5 @@
 """mnasnet.py against torchvision's MnasNet: weights both ways, outputs, init, version-1 checkpoints."""
 import ast
-import copy
 import inspect
 import warnings
 
@@ -10,6 +9,7 @@ import torchvision.models as tvm
 from torch import nn
 
 import mnasnet
+from helpers import NON_UNIT_ARCHS, assert_same_state, randomize, v1_checkpoint
 
 PARAM_COUNTS = {
     "mnasnet0_5": 2_218_512,
@@ -18,7 +18,6 @@ PARAM_COUNTS = {
     "mnasnet1_3": 6_282_256,
 }
 ARCH_NAMES = list(PARAM_COUNTS)
-NON_UNIT_ARCHS = ["mnasnet0_5", "mnasnet0_75", "mnasnet1_3"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,56 +31,15 @@ def _torchvision(arch, **kwargs):
     return getattr(tvm, arch)(**kwargs)
 
 
-def _randomize(model, seed=0):
-    """Move every parameter and BN statistic off its init, so eval outputs depend on all of them."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5, generator=gen)
-                module.bias.uniform_(-0.1, 0.1, generator=gen)
-                module.running_mean.uniform_(-0.1, 0.1, generator=gen)
-                module.running_var.uniform_(0.5, 1.5, generator=gen)
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.mul_(torch.empty_like(module.weight).uniform_(0.5, 1.5, generator=gen))
-    return model
-
-
 def _input(seed=0):
     # Small for speed; batch 2 keeps two values per channel for train-mode BN at the final 1x1 map.
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_same_state(a, b):
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].shape == b[key].shape, key
-        assert torch.equal(a[key], b[key]), key
 
 
 def _assert_close_state(a, b):
     assert list(a) == list(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
-
-
-def _v1_checkpoint(arch, **kwargs):
-    """A version-1 state dict made by torchvision itself (``kwargs`` go to its builder).
-
-    Loading a version-1-tagged dict without the stem keys makes torchvision rebuild its v1 stem,
-    after which its state_dict() is a genuine v1 checkpoint.
-    """
-    model = _torchvision(arch, **kwargs)
-    current = model.state_dict()
-    v1_prefixes = tuple(f"layers.{i}." for i in range(9))
-    partial = type(current)((k, v) for k, v in current.items() if not k.startswith(v1_prefixes))
-    partial._metadata = copy.deepcopy(current._metadata)
-    partial._metadata[""]["version"] = 1
-    with pytest.warns(UserWarning):
-        model.load_state_dict(partial, strict=False)
-    state = _randomize(model, seed=1).state_dict()
-    assert state._metadata[""]["version"] == 1
-    return state
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -98,8 +56,8 @@ def test_same_init_and_bn_momentum_as_torchvision(arch):
     torch.manual_seed(0)
     ours = _ours(arch)
     classifier = "classifier.1.weight"
-    _assert_same_state({k: v for k, v in ours.state_dict().items() if k != classifier},
-                       {k: v for k, v in theirs.state_dict().items() if k != classifier})
+    assert_same_state({k: v for k, v in ours.state_dict().items() if k != classifier},
+                      {k: v for k, v in theirs.state_dict().items() if k != classifier})
     # Our classifier init does not grow with fewer classes (torchvision's does).
     for classes in (10, 1000):
         weight = mnasnet.ARCHS[arch](num_classes=classes).classifier[1].weight
@@ -112,21 +70,21 @@ def test_same_init_and_bn_momentum_as_torchvision(arch):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_state_dict_both_ways(arch):
-    theirs = _randomize(_torchvision(arch), seed=2)
+    theirs = randomize(_torchvision(arch), seed=2)
     ours = _ours(arch)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    _assert_same_state(ours.state_dict(), theirs.state_dict())
+    assert_same_state(ours.state_dict(), theirs.state_dict())
 
-    ours = _randomize(_ours(arch), seed=3)
+    ours = randomize(_ours(arch), seed=3)
     assert ours.state_dict()._metadata[""]["version"] == 2
     theirs = _torchvision(arch)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    _assert_same_state(theirs.state_dict(), ours.state_dict())
+    assert_same_state(theirs.state_dict(), ours.state_dict())
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_eval_outputs_match(arch):
-    theirs = _randomize(_torchvision(arch)).eval()
+    theirs = randomize(_torchvision(arch)).eval()
     ours = _ours(arch).eval()
     ours.load_state_dict(theirs.state_dict())
     x = _input()
@@ -136,7 +94,7 @@ def test_eval_outputs_match(arch):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_train_outputs_grads_and_stats_match(arch):
-    theirs = _randomize(_torchvision(arch)).train()
+    theirs = randomize(_torchvision(arch)).train()
     ours = _ours(arch).train()
     ours.load_state_dict(theirs.state_dict())
     x = _input()
@@ -179,7 +137,7 @@ def test_dropout_active_only_when_asked():
 
 @pytest.mark.parametrize("arch", NON_UNIT_ARCHS)
 def test_version1_checkpoint_like_torchvision(arch):
-    v1 = _v1_checkpoint(arch)
+    v1 = v1_checkpoint(arch)
     theirs = _torchvision(arch)
     with pytest.warns(UserWarning):
         theirs.load_state_dict(v1)
@@ -189,7 +147,7 @@ def test_version1_checkpoint_like_torchvision(arch):
     assert ours.layers[0].out_channels == 32
     assert ours.layers[6].out_channels == 16
     assert ours.layers[8][0].layers[0].in_channels == 16
-    _assert_same_state(ours.state_dict(), theirs.state_dict())
+    assert_same_state(ours.state_dict(), theirs.state_dict())
 
     x = _input()
     with torch.no_grad():
@@ -201,11 +159,11 @@ def test_version1_checkpoint_like_torchvision(arch):
     again = _torchvision(arch)
     with pytest.warns(UserWarning):
         again.load_state_dict(resaved)
-    _assert_same_state(again.state_dict(), v1)
+    assert_same_state(again.state_dict(), v1)
 
 
 def test_version1_stem_keeps_mode_and_bn_momentum():
-    v1 = _v1_checkpoint("mnasnet0_5")
+    v1 = v1_checkpoint("mnasnet0_5")
     ours = _ours("mnasnet0_5").eval()
     mnasnet.set_bn_momentum(ours, 0.01)
     with pytest.warns(UserWarning):
@@ -216,7 +174,7 @@ def test_version1_stem_keeps_mode_and_bn_momentum():
 
 def test_a_version1_stem_built_up_front_keeps_its_parameters_when_the_checkpoint_loads():
     """An optimizer built after use_layout(1) holds the parameters that loading the checkpoint fills."""
-    v1 = _v1_checkpoint("mnasnet0_5")
+    v1 = v1_checkpoint("mnasnet0_5")
     ours = _ours("mnasnet0_5")
     with pytest.warns(UserWarning, match="version-1"):
         ours.use_layout(1)
@@ -225,7 +183,7 @@ def test_a_version1_stem_built_up_front_keeps_its_parameters_when_the_checkpoint
         warnings.simplefilter("error")  # nothing rebuilt
         ours.load_state_dict(v1)
     assert all(new is old for new, old in zip(ours.parameters(), parameters, strict=True))
-    _assert_same_state(ours.state_dict(), v1)
+    assert_same_state(ours.state_dict(), v1)
 
 
 def test_version1_at_alpha_one_changes_nothing():
@@ -235,17 +193,17 @@ def test_version1_at_alpha_one_changes_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.load_state_dict(state)
-    _assert_same_state(ours.state_dict(), state)
+    assert_same_state(ours.state_dict(), state)
     assert ours.state_dict()._metadata[""]["version"] == 2
 
 
 def test_state_dict_without_metadata_loads_as_current():
     # A dict comprehension (e.g. stripping "module.") drops _metadata; torchvision would refuse it.
-    source = _randomize(_ours("mnasnet0_5"))
+    source = randomize(_ours("mnasnet0_5"))
     plain = {k: v for k, v in source.state_dict().items()}
     ours = _ours("mnasnet0_5")
     ours.load_state_dict(plain)
-    _assert_same_state(ours.state_dict(), source.state_dict())
+    assert_same_state(ours.state_dict(), source.state_dict())
 
 
 def test_unknown_version_is_rejected():

@@ -1,32 +1,15 @@
 """Jobs beyond one node, on one machine: two torchrun agents on loopback, and srun's environment (gloo, CPU)."""
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_flags
-from test_main import expect_error
+from helpers import LAUNCHER_VARIABLES, ROOT, clean_env, expect_error, logged_digest, tiny_flags
 from training import checkpoint, distributed
 from training.utils import state_digest
-
-LAUNCHER_VARIABLES = (*distributed.TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env(**extra):
-    """This process's environment without any launcher's variables, one thread per process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_together(commands, envs):
@@ -40,12 +23,6 @@ def run_together(commands, envs):
                 proc.kill()
     for proc, (out, err) in zip(procs, results):
         assert proc.returncode == 0, f"{out}\n{err}"
-
-
-def logged_digest(log_path, rank):
-    match = re.search(rf"=> rank {rank} weights sha256 ([0-9a-f]{{64}})", log_path.read_text())
-    assert match, log_path.read_text()
-    return match.group(1)
 
 
 def check_same_weights(tmp_path):
@@ -67,7 +44,7 @@ def node_flags(tmp_path, node):
 
 
 def test_two_torchrun_nodes_end_with_the_same_weights(image_folder, tmp_path):
-    port = str(free_port())
+    port = str(distributed.free_port())
     commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                  "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
                  os.path.join(ROOT, "main.py"), image_folder, *node_flags(tmp_path, node)] for node in range(2)]
@@ -77,7 +54,7 @@ def test_two_torchrun_nodes_end_with_the_same_weights(image_folder, tmp_path):
 
 def test_srun_tasks_form_one_job(image_folder, tmp_path):
     """What srun -N 2 --ntasks-per-node 1 sets for each task; MASTER_ADDR/PORT come from the job script."""
-    port = str(free_port())
+    port = str(distributed.free_port())
     commands = [[sys.executable, os.path.join(ROOT, "main.py"), image_folder, *node_flags(tmp_path, node)]
                 for node in range(2)]
     envs = [clean_env(SLURM_PROCID=str(node), SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="2",
@@ -104,10 +81,7 @@ def test_srun_without_master_address_is_one_line(image_folder, tmp_path, capsys,
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2",
       "RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}, (9, 16, 1)),
 ])
-def test_launcher_ranks(monkeypatch, variables, expected):
-    for name in [*os.environ]:
-        if name.startswith("SLURM_") or name in LAUNCHER_VARIABLES:
-            monkeypatch.delenv(name)
+def test_launcher_ranks(no_launcher, variables, expected):
     for name, value in variables.items():
-        monkeypatch.setenv(name, value)
+        no_launcher.setenv(name, value)
     assert distributed.launcher_ranks() == expected

@@ -3,7 +3,6 @@ file: nothing here can download), --interpolation and --crop-pct, and the launch
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 import classify
 import main
-from conftest import ROOT, tiny_flags
+from helpers import cpu_runtime, launch, run_main_in_process, run_main_subprocess, tiny_flags
 from training import named_weights, options, pipeline, transforms
 from training.utils import UserError
 
@@ -63,16 +62,6 @@ def place_timm_weights(hub_cache, num_classes, tag=TIMM_TAG):
     return state
 
 
-def run_main(*argv):
-    output_dir = argv[argv.index("--output-dir") + 1]
-    summary_path = os.path.join(output_dir, "summary.json")
-    main.main([*argv, "--summary-json", summary_path])
-    with open(summary_path) as handle:
-        summary = json.load(handle)
-    with open(os.path.join(output_dir, "train.log")) as handle:
-        return summary, handle.read()
-
-
 # --- torchvision: end to end ---
 
 def test_torchvision_weights_load_from_the_torch_hub_cache(image_folder, tmp_path, monkeypatch, refused_connections):
@@ -81,10 +70,12 @@ def test_torchvision_weights_load_from_the_torch_hub_cache(image_folder, tmp_pat
     torch.save(torchvision.models.mnasnet0_5(weights=None, num_classes=3).state_dict(), cached)
     flags = ["-a", "mnasnet0_5", "--device", "cpu", "-j", "0", "-b", "8", "-e", "--val-crop-size", "64"]
 
-    named, log = run_main(image_folder, *flags, "--pretrained", "torchvision", "--output-dir", str(tmp_path / "a"))
+    named = run_main_in_process(image_folder, *flags, "--pretrained", "torchvision", "--output-dir",
+                                str(tmp_path / "a"))
     # The same file by its path, validated as the weights' preprocessing says (crop 64 / 0.875 = 73, bilinear).
-    by_path, _ = run_main(image_folder, *flags, "--pretrained", cached, "--val-resize-size", "73",
-                          "--interpolation", "bilinear", "--output-dir", str(tmp_path / "b"))
+    by_path = run_main_in_process(image_folder, *flags, "--pretrained", cached, "--val-resize-size", "73",
+                                  "--interpolation", "bilinear", "--output-dir", str(tmp_path / "b"))
+    log = (tmp_path / "a" / "train.log").read_text()
     assert named["val_images"] == 15
     assert named["val_loss"] == pytest.approx(by_path["val_loss"], abs=1e-6)
     assert named["val_acc1"] == by_path["val_acc1"]
@@ -125,8 +116,10 @@ def test_timm_weights_come_from_the_hugging_face_cache(image_folder, tmp_path, h
     # load_model_weights takes timm's keys on the a1model branch; here what reaches it is the point.
     monkeypatch.setattr(main.checkpoint, "load_model_weights",
                         lambda model, state, arch, source: handed_over.append((state, arch, source)))
-    summary, log = run_main(image_folder, "-a", "mnasnet1_0", "--device", "cpu", "-j", "0", "-b", "8", "-e",
-                            "--val-crop-size", "64", "--pretrained", "timm", "--output-dir", str(tmp_path / "out"))
+    summary = run_main_in_process(image_folder, "-a", "mnasnet1_0", "--device", "cpu", "-j", "0", "-b", "8", "-e",
+                                  "--val-crop-size", "64", "--pretrained", "timm",
+                                  "--output-dir", str(tmp_path / "out"))
+    log = (tmp_path / "out" / "train.log").read_text()
     (state, arch, source), = handed_over
     assert arch == "mnasnet1_0" and source == f"timm's {TIMM_TAG}"
     assert state.keys() == placed.keys() and all(torch.equal(state[k], placed[k]) for k in placed)
@@ -151,10 +144,9 @@ def test_timm_weights_end_to_end(image_folder, tmp_path, arch, tag):
     place_timm_weights(hub_cache, num_classes=3, tag=tag)
     env = {**os.environ, "HF_HUB_CACHE": hub_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     summary_path = tmp_path / "summary.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), image_folder, "-a", arch,
-                             "--device", "cpu", "-j", "0", "-b", "8", "-e", "--val-crop-size", "64", "--pretrained",
-                             "timm", "--output-dir", str(tmp_path / "out"), "--summary-json", str(summary_path)],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = run_main_subprocess(image_folder, "-a", arch, "--device", "cpu", "-j", "0", "-b", "8", "-e",
+                                 "--val-crop-size", "64", "--pretrained", "timm", "--output-dir", str(tmp_path / "out"),
+                                 "--summary-json", str(summary_path), env=env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(summary_path.read_text())
 
@@ -258,14 +250,13 @@ def _reference(path, interpolation, pil):
 @pytest.mark.parametrize("name", pipeline.PIPELINES)
 def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tmp_path, name, interpolation):
     """Built as main.py builds them (--fast-val: each pipeline's own validation path, not PIL's)."""
-    from test_accel_paths import _cpu_runtime
     args = main.parse_args([str(photo_folder), "--pipeline", name, "--fast-val", "--interpolation", interpolation,
                             "--val-resize-size", "56", "--val-crop-size", "48", "-j", "0", "-b", "1",
                             "--device", "cpu", "--output-dir", str(tmp_path)])
     main.check_args(args)
     main.prepare(args)
     _, val_set = main.build_datasets(args)
-    _, val_loader, _ = main.build_loaders(None, val_set, _cpu_runtime(), args, log=None)
+    _, val_loader, _ = main.build_loaders(None, val_set, cpu_runtime(), args, log=None)
     images, _ = next(iter(val_loader))
     mean, std = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None], torch.tensor(transforms.IMAGENET_STD)[:, None, None]
     pixels = (images[0].float() * std + mean) * 255
@@ -288,18 +279,14 @@ def test_classify_validates_as_the_checkpoint_was():
 # --- the launchers ---
 
 def test_launchers_pass_arch_on(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", "test/train_performance_1p.sh", "--arch=mnasnet0_75", "--device=cpu",
-                             "--batch_size=4", "--steps=2", "--workers=0", f"--output_root={tmp_path}", "--",
-                             "--train-crop-size", "48", "--dummy-images", "8"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = launch("train_performance_1p.sh", "--arch=mnasnet0_75", "--device=cpu", "--batch_size=4", "--steps=2",
+                    "--workers=0", f"--output_root={tmp_path}", "--", "--train-crop-size", "48", "--dummy-images", "8",
+                    timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs4_1p_perf.json").read_text())
     assert summary["arch"] == "mnasnet0_75"
 
-    result = subprocess.run(["bash", "test/train_performance_1p.sh", "--arch=mnasnet0_9", "--device=cpu"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = launch("train_performance_1p.sh", "--arch=mnasnet0_9", "--device=cpu", timeout=300)
     assert result.returncode == 2 and "argument -a/--arch: invalid choice: 'mnasnet0_9'" in result.stderr
-    result = subprocess.run(["bash", "test/train_full_8p.sh", "--arch=../x"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = launch("train_full_8p.sh", "--arch=../x", timeout=60)
     assert result.returncode == 2 and "--arch must be a network name such as mnasnet1_0, not '../x'" in result.stderr

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, tiny_flags
+from helpers import ROOT, run_main_in_process, tiny_flags
 from standins import apex_amp, npu_serialization
-from test_main import run_main
 from training import checkpoint, devices
 from training.utils import UserError
 
@@ -123,8 +122,8 @@ def test_training_under_ascend_apex_master_keeps_the_combined_gradients(image_fo
     """Nothing on the training path (steps, EMA, validation, checkpoints) calls Module.zero_grad with
     set_to_none=True, which apex's replacement refuses, and every step zeroes the gradients through the optimizer's
     zero_grad(), in place: at the end the parameters hold the gradients the first backward made."""
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
-                                                 "--opt-level", opt_level, *extra))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
+                                                            "--opt-level", opt_level, *extra))
     assert torch.nn.Module.zero_grad is apex_amp.zero_grad  # still apex's (install() puts torch's back after the test)
     assert summary["train_steps"] == 8 and summary["val_images"] == 15
     (optimizer,) = apex_amp.initialized_optimizers

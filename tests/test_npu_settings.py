@@ -12,10 +12,8 @@ import torch
 
 import export_onnx
 import mnasnet
-from conftest import ROOT, tiny_flags
+from helpers import ROOT, device_args, run_main_in_process, tiny_flags
 from standins.npu_settings import npu_module
-from test_device_setup import device_args, no_launcher  # noqa: F401  (a fixture)
-from test_main import run_main
 from training import devices, distributed
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -25,7 +23,7 @@ CHIP_DEFAULT = "torch_npu's default for this chip"
 
 
 @pytest.fixture
-def fake_npu(monkeypatch, no_launcher):  # noqa: F811
+def fake_npu(monkeypatch, no_launcher):
     """torch.npu as torch_npu 2.14.0 makes it, for kernel settings (tests/standins/npu_settings.py). torch's
     privateuse1 backend is not renamed "npu", as torch_npu does: that cannot be undone, and the rest of the test
     process would then look for a torch.npu module (torch.random.fork_rng does), so the settings are applied
@@ -81,7 +79,7 @@ def test_the_npu_standin_refuses_misspelled_names():
 
 
 @pytest.fixture
-def cuda_flags(monkeypatch, no_launcher, kernel_flags):  # noqa: F811
+def cuda_flags(monkeypatch, no_launcher, kernel_flags):
     """One visible CUDA device; the TF32 and cuDNN flags (settable without a GPU) are given back as they were after
     the test (conftest's kernel_flags)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -123,8 +121,8 @@ def test_npu_flags_on_a_gpu_are_noted_as_ignored(cuda_flags):
 def test_cpu_run_logs_its_kernel_settings(image_folder, tmp_path):
     """The start-up log names the settings; flags for NPUs and GPUs are accepted and noted (--hf32 is --tf32)."""
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val", "--no-checkpoint",
-                                       "--npu-jit-compile", "off", "--hf32", "on"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val",
+                                                  "--no-checkpoint", "--npu-jit-compile", "off", "--hf32", "on"))
     lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "=> kernel settings:" in line]
     assert len(lines) == 1
     assert lines[0].endswith("=> kernel settings: none apply on the CPU (--npu-jit-compile off, --tf32 on: not for "

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 import main
-from conftest import tiny_flags
+from helpers import tiny_flags
 from training.utils import UserError
 
 DERIVED = {"device_kind", "device_ids", "data_dir", "named_weights", "val_preprocessing", "profile_window"}

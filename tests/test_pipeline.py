@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import mnasnet
-from training import data, devices, distributed, pipeline, prefetch, transforms
+from helpers import cpu_runtime
+from training import data, devices, pipeline, prefetch, transforms
 
 CROP = 48
 
@@ -77,18 +78,14 @@ def test_fast_val_keeps_standard_pixels_unless_asked(photos):
         assert (plain - transforms.TensorVal(56, CROP)(path).float()).abs().mean() < 1.0
 
 
-def _cpu_runtime(memory_format=torch.channels_last):
-    return distributed.Runtime("cpu", torch.device("cpu"), memory_format=memory_format)
-
-
 def test_device_normalisation_equals_worker_normalisation(photos):
     uint8 = torch.stack([transforms.FastVal(56, CROP)(p) for p in photos])
     floats = torch.stack([transforms.val_transform(56, CROP)(Image.open(p)) for p in photos])
-    images, labels = prefetch.ToDevice(_cpu_runtime())((uint8, torch.arange(4)))
+    images, labels = prefetch.ToDevice(cpu_runtime())((uint8, torch.arange(4)))
     assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64
     torch.testing.assert_close(images, floats, rtol=0, atol=1e-5)
-    moved, _ = prefetch.ToDevice(_cpu_runtime())((floats, torch.arange(4)))
+    moved, _ = prefetch.ToDevice(cpu_runtime())((floats, torch.arange(4)))
     assert torch.equal(moved, floats)
 
 
@@ -98,7 +95,7 @@ def test_device_decode_equals_worker_decode(photos):
     Image.open(photos[0]).save(png)
     photos = [*photos, png]  # not a JPEG: decoded on the host
     raw = [pipeline.bytes_loader(p) for p in photos]
-    runtime = _cpu_runtime()
+    runtime = cpu_runtime()
     torch.manual_seed(3)
     decoded, _ = prefetch.DeviceDecode(runtime, True, CROP)((raw, torch.arange(5)))
     torch.manual_seed(3)
@@ -120,8 +117,8 @@ def test_side_stream_prefetch_yields_the_inline_batches(monkeypatch):
     monkeypatch.setattr(devices, "device_module", lambda kind: fake if kind == "fake" else None)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append("record"), raising=False)
     batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([1, 2])) for _ in range(3)]
-    inline = list(prefetch.DeviceLoader(batches, _cpu_runtime()))
-    runtime = _cpu_runtime()
+    inline = list(prefetch.DeviceLoader(batches, cpu_runtime()))
+    runtime = cpu_runtime()
     runtime.kind = "fake"
     prefetched = list(prefetch.DeviceLoader(batches, runtime))
     assert len(prefetched) == 3 and events == ["side waits"] + ["wait", "record", "record"] * 3
@@ -134,7 +131,7 @@ def _losses(image_folder, name, steps=3):
                                  interpolation="bilinear", auto_augment=None, random_erase=0.0)
     (train_tf, read), _ = pipeline.build(name, args)
     train_set, _ = data.image_folders(image_folder, train_tf, None, loaders=(read, read))
-    runtime = _cpu_runtime()
+    runtime = cpu_runtime()
     loader = data.build_loader(train_set, 8, 0, sampler=data.TrainSampler(train_set, 1, 0, 0), drop_last=True, seed=0,
                                collate_fn=pipeline.collate_bytes if name == "gpu" else None)
     transfer = prefetch.DeviceDecode(runtime, True, CROP, (0.35, 1.0)) if name == "gpu" else None

@@ -10,14 +10,10 @@ import pytest
 import torch
 
 import main
-from conftest import tiny_flags
+from helpers import ROOT, expect_error, poison_loss, run_main_in_process, tiny_flags, weights
 from standins import apex_amp, npu_grad_scaler
-from test_main import expect_error, run_main, weights
-from test_reliability import _poison_loss
 from training import devices, recipe
 from training.precision import ApexAmp, NativeAmp, build_precision
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -38,8 +34,8 @@ def apex_on_cpu(monkeypatch):
 # --- apex's zero_grad takes no arguments ---
 
 def test_apex_o2_trains_with_its_zero_grad_that_takes_no_arguments(image_folder, tmp_path, apex_on_cpu):
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--amp", "--amp-backend", "apex",
-                                                 "--opt-level", "O2", "--no-val"))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--amp", "--amp-backend", "apex",
+                                                            "--opt-level", "O2", "--no-val"))
     assert summary["train_steps"] == 4 and summary["skipped_steps"] == 0
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoint.pth.tar").values())
     (optimizer,) = apex_amp.initialized_optimizers
@@ -144,9 +140,9 @@ def test_launcher_amp_level_o2_without_apex_amp_is_a_clear_error(tmp_path, devic
     (tmp_path / "apex").mkdir()
     (tmp_path / "apex" / "__init__.py").write_text("")  # NVIDIA apex 25.07 and later: no apex.amp
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", os.path.join(REPO, "test", "train_performance_1p.sh"),
+    result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"),
                              f"--device={device_name}", "--amp_level=O2", f"--output_root={tmp_path / 'out'}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "--amp_level=O1" in result.stderr, result.stderr
     assert "running:" not in result.stdout
@@ -209,9 +205,9 @@ def test_a_loss_scale_resumes_across_apex_and_native_amp(monkeypatch):
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", "128"])
 def test_apex_counts_skipped_steps(image_folder, tmp_path, monkeypatch, apex_on_cpu, loss_scale):
-    _poison_loss(monkeypatch, {2, 3, 6})
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
-                                                 "--loss-scale", loss_scale, "--no-val"))
+    poison_loss(monkeypatch, {2, 3, 6})
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
+                                                            "--loss-scale", loss_scale, "--no-val"))
     assert summary["skipped_steps"] == 3 and [h["skipped_steps"] for h in summary["history"]] == [2, 1]
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoint.pth.tar").values())
     scale = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["precision"]["apex"]["loss_scaler0"]
@@ -219,7 +215,7 @@ def test_apex_counts_skipped_steps(image_folder, tmp_path, monkeypatch, apex_on_
 
 
 def test_apex_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkeypatch, apex_on_cpu, capsys):
-    _poison_loss(monkeypatch, set(range(2, 100)))
+    poison_loss(monkeypatch, set(range(2, 100)))
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
                                                     "--max-nonfinite-steps", "3")],
                  "not finite at epoch 0, step 4/4 (3 step(s) in a row)")

@@ -3,27 +3,14 @@ breakdown (data_ms, copy_ms, compute_ms) in metrics.csv, TensorBoard, the summar
 import csv
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import main
-from conftest import tiny_flags
+from helpers import launch, run_main_in_process, tiny_flags
 from standins import npu_profiler
 from training import data, meters, profiling
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_main(*argv):
-    """main.main in this process; returns the summary JSON."""
-    summary_path = Path(argv[argv.index("--output-dir") + 1]) / "summary.json"
-    main.main([*argv, "--summary-json", str(summary_path)])
-    return json.loads(summary_path.read_text())
 
 
 def run_error(capsys, *argv):
@@ -36,8 +23,8 @@ def run_error(capsys, *argv):
 def test_profile_writes_a_trace_and_trains_the_same_weights(image_folder, tmp_path):
     # 36 images, batch 8: 4 steps an epoch; the window (skip 1, warm up 1, record 2) is all of the first.
     flags = [image_folder, "--epochs", "2", "--seed", "3"]
-    plain = run_main(*tiny_flags(tmp_path / "plain"), *flags)
-    profiled = run_main(*tiny_flags(tmp_path / "profiled"), *flags, "--profile", "--profile-steps", "1,1,2")
+    plain = run_main_in_process(*tiny_flags(tmp_path / "plain"), *flags)
+    profiled = run_main_in_process(*tiny_flags(tmp_path / "profiled"), *flags, "--profile", "--profile-steps", "1,1,2")
     assert profiled["weights_sha256"] == plain["weights_sha256"]
     assert profiled["train_loss"] == plain["train_loss"]
 
@@ -105,7 +92,8 @@ def test_profiler_kit_per_device():
 
 def test_step_breakdown_adds_up_to_the_step_time(image_folder, tmp_path):
     out = tmp_path / "run"
-    summary = run_main(*tiny_flags(out), image_folder, "--epochs", "2", "--fps-warmup-steps", "0", "--tensorboard")
+    summary = run_main_in_process(*tiny_flags(out), image_folder, "--epochs", "2", "--fps-warmup-steps", "0",
+                                  "--tensorboard")
     with open(out / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2
@@ -136,8 +124,8 @@ def test_slow_loader_is_reported_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.SyntheticImages, "__getitem__", slow)
     out = tmp_path / "run"
-    summary = run_main(*tiny_flags(out), "--dummy", "--dummy-images", "8", "-b", "2", "--epochs", "2",
-                       "--max-steps", "2", "--no-val")
+    summary = run_main_in_process(*tiny_flags(out), "--dummy", "--dummy-images", "8", "-b", "2", "--epochs", "2",
+                                  "--max-steps", "2", "--no-val")
     assert summary["data_wait_share"] > meters.StepBreakdown.SLOW_LOADER_SHARE
     log = (out / "train.log").read_text()
     assert log.count("the data loader cannot keep up") == 1
@@ -153,12 +141,9 @@ def test_fast_loader_says_nothing():
 
 
 def test_launcher_profiles_every_rank_and_reports_the_data_wait_share(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        ["bash", str(REPO / "test" / "train_performance_8p.sh"), "--device=cpu", "--num_devices=2", "--batch_size=4",
-         "--steps=4", "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
-         "--train-crop-size", "48", "--dummy-images", "32", "--profile-steps", "1,0,1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = launch("train_performance_8p.sh", "--device=cpu", "--num_devices=2", "--batch_size=4", "--steps=4",
+                    "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
+                    "--train-crop-size", "48", "--dummy-images", "32", "--profile-steps", "1,0,1", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "0"
     case = "MnasNet_for_PyTorch_bs4_2p_perf"

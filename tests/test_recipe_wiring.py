@@ -9,8 +9,7 @@ from torch import nn
 
 import main
 import mnasnet
-from conftest import tiny_flags
-from test_main import expect_error, run_main
+from helpers import expect_error, run_main_in_process, tiny_flags
 from training import distributed, recipe
 
 
@@ -117,8 +116,8 @@ def one_dimensional_parameters():
 def test_recipe_flags_reach_the_criterion_and_optimizer_main_trains_with(image_folder, tmp_path, built, flags,
                                                                          smoothing, optimizer_class, nesterov,
                                                                          decayed_1d):
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--no-val", "--no-checkpoint",
-                                       *flags))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--no-val",
+                                                  "--no-checkpoint", *flags))
     (criterion,), (optimizer,) = built["criteria"], built["optimizers"]
     assert criterion.label_smoothing == smoothing and criterion.training_calls == 2
     assert type(optimizer) is optimizer_class

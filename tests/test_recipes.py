@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
+from torchvision.transforms import v2
 
-from conftest import tiny_flags
-from test_main import run_main
-from training import checkpoint, recipe, transforms
+from helpers import run_main_in_process, tiny_flags
+from training import checkpoint, data, recipe, transforms
 
 
 def test_rmsprop_tf_follows_tensorflow_formula():
@@ -71,9 +72,9 @@ def test_ema_averages_weights_and_batchnorm_statistics():
 
 def test_model_ema_is_validated_checkpointed_resumed_and_can_be_best(image_folder, tmp_path):
     flags = ("--seed", "0", "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.7")
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *flags))
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "3", *flags, "--resume",
-                                                 str(tmp_path / checkpoint.CHECKPOINT_NAME)))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *flags))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "3", *flags, "--resume",
+                                                            str(tmp_path / checkpoint.CHECKPOINT_NAME)))
     assert "ema_val_acc1" in summary
     saved = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert int(saved["model_ema"]["n_averaged"]) == 3 * 4  # every step of all 3 epochs: the resume kept it
@@ -85,8 +86,8 @@ def test_model_ema_is_validated_checkpointed_resumed_and_can_be_best(image_folde
     best = torch.load(tmp_path / checkpoint.BEST_NAME, map_location="cpu", weights_only=True)
     assert best["best_acc1"] == pytest.approx(best_score, abs=1e-3)
     # Whichever scored best, model_best.pth.tar's state_dict holds those weights.
-    result = run_main(image_folder, *tiny_flags(tmp_path / "eval", "--evaluate", "--resume",
-                                                str(tmp_path / checkpoint.BEST_NAME)))
+    result = run_main_in_process(image_folder, *tiny_flags(tmp_path / "eval", "--evaluate", "--resume",
+                                                           str(tmp_path / checkpoint.BEST_NAME)))
     assert result["val_acc1"] == pytest.approx(best["best_acc1"])
 
 
@@ -105,11 +106,55 @@ def test_batch_mix_gives_soft_targets():
     torch.testing.assert_close(target.sum(dim=1), torch.ones(4))
 
 
-def test_paper_recipe_flags_train(image_folder, tmp_path):
-    summary = run_main(image_folder, *tiny_flags(
-        tmp_path, "--epochs", "1", "--max-steps", "2", "--opt", "rmsprop", "--lr-scheduler", "exponential",
-        "--pipeline", "standard", "--auto-augment", "ra", "--random-erase", "0.2", "--mixup", "0.2", "--cutmix", "1.0", "--no-checkpoint"))
+def test_paper_recipe_flags_train(image_folder, tmp_path, monkeypatch):
+    """Each of the paper recipe's seven flags acts on the run: on the optimizer, the learning rate, the training
+    images and the targets the loss is given."""
+    datasets, mixes, targets = [], [], []
+    image_folders, batch_mix, forward = data.image_folders, transforms.batch_mix, torch.nn.CrossEntropyLoss.forward
+
+    def record_datasets(*args, **kwargs):
+        datasets.extend(image_folders(*args, **kwargs))
+        return tuple(datasets)
+
+    def record_mix(num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
+        mixes.append((mixup_alpha, cutmix_alpha))
+        return batch_mix(num_classes, mixup_alpha, cutmix_alpha)
+
+    def record_target(self, output, target):
+        if torch.is_grad_enabled():  # training; validation scores the plain labels
+            targets.append(target)
+        return forward(self, output, target)
+    monkeypatch.setattr(data, "image_folders", record_datasets)
+    monkeypatch.setattr(transforms, "batch_mix", record_mix)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", record_target)
+    # A stair of the exponential decay every half epoch (one step here), so that two steps climb down two.
+    summary = run_main_in_process(image_folder, *tiny_flags(
+        tmp_path, "--epochs", "1", "--max-steps", "2", "--seed", "0", "--opt", "rmsprop",
+        "--lr-scheduler", "exponential", "--lr-decay-epochs", "0.5", "--pipeline", "standard", "--auto-augment", "ra",
+        "--random-erase", "0.2", "--mixup", "0.2", "--cutmix", "1.0"))
     assert math.isfinite(summary["train_loss"]) and 0 <= summary["train_acc1"] <= 100
+
+    saved = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)["optimizer"]
+    # TensorFlow's RMSProp (recipe.RMSpropTF, which has a decay where torch's has an alpha): its mean square starts
+    # at 1, so two steps at decay 0.9 leave every entry at 0.81 or more, to float rounding (torch's starts at 0).
+    assert all("decay" in group and "alpha" not in group for group in saved["param_groups"])
+    assert all(state["square_avg"].min() > 0.8 for state in saved["state"].values())
+    # --lr 0.01 down two stairs of 0.97; the default cosine would be at 0 by the run's last step.
+    assert [group["lr"] for group in saved["param_groups"]] == pytest.approx([0.01 * 0.97 ** 2] * 2)
+
+    # The standard pipeline's torchvision transforms on PIL images, with RandAugment and RandomErasing after them.
+    train_transform = datasets[0].transform
+    assert isinstance(train_transform, T.Compose) and isinstance(train_transform.transforms[1], T.RandomResizedCrop)
+    steps = train_transform.transforms
+    assert any(isinstance(step, v2.RandAugment) for step in steps)
+    assert [step.p for step in steps if isinstance(step, v2.RandomErasing)] == [0.2]
+
+    # The loss was given MixUp/CutMix's soft targets: rows of class probabilities, some split between classes.
+    assert mixes == [(0.2, 1.0)]
+    assert len(targets) == 2 and all(target.shape == (8, 3) for target in targets)
+    for target in targets:
+        torch.testing.assert_close(target.sum(dim=1), torch.ones(8))
+    assert any(((0 < target) & (target < 1)).any() for target in targets)
 
 
 @pytest.mark.parametrize("scores, best_is_ema", [
@@ -127,7 +172,8 @@ def test_best_checkpoint_holds_the_better_of_weights_and_ema(image_folder, tmp_p
 
     monkeypatch.setattr(engine, "evaluate", scripted)
     flags = ("--seed", "0", "--model-ema", "--model-ema-steps", "1", "--max-steps", "2")
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", str(2 if not best_is_ema else 1), *flags))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", str(2 if not best_is_ema else 1),
+                                                            *flags))
     best = torch.load(tmp_path / checkpoint.BEST_NAME, map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert best["best_acc1"] == summary["best_acc1"] == (60.0 if best_is_ema else 70.0)

@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import ROOT, tiny_flags, write_image_folder
-from test_main import expect_error, run_main, weights
+from helpers import ROOT, expect_error, poison_loss, run_main_in_process, tiny_flags, weights, write_image_folder
 from training import checkpoint, data, engine, transforms
 from training.meters import SkippedSteps
 from training.precision import NativeAmp, Precision
@@ -67,14 +66,14 @@ def test_quirky_images_train_without_complaint(tmp_path):
     _add_quirks(root)
     train_set, _ = data.image_folders(root, transforms.train_transform(48), None)
     assert len(train_set) == 12  # the three quirky images count, the stray files do not
-    summary = run_main(root, *tiny_flags(tmp_path / "out", "--epochs", "1", "--strict-data"))
+    summary = run_main_in_process(root, *tiny_flags(tmp_path / "out", "--epochs", "1", "--strict-data"))
     assert summary["train_skipped_images"] == 0 and summary["val_images"] == 3
     assert "unreadable" not in (tmp_path / "out" / "train.log").read_text()
 
 
 def test_unreadable_images_are_logged_once_replaced_and_counted(bad_folder, tmp_path):
     root, bad = bad_folder
-    summary = run_main(root, *tiny_flags(tmp_path, "--epochs", "2", "-j", "1", "--seed", "0"))
+    summary = run_main_in_process(root, *tiny_flags(tmp_path, "--epochs", "2", "-j", "1", "--seed", "0"))
     log = (tmp_path / "train.log").read_text()
     for path in bad:
         assert log.count(path) == 1, log  # with a loader worker: the main process still reports it, once
@@ -134,7 +133,7 @@ RESUME_FLAGS = ("--epochs", "2", "--seed", "1", "--warmup", "1")
 def straight(image_folder, tmp_path_factory):
     """Two epochs (4 steps each) without interruption."""
     output_dir = tmp_path_factory.mktemp("straight")
-    run_main(image_folder, *tiny_flags(output_dir, *RESUME_FLAGS))
+    run_main_in_process(image_folder, *tiny_flags(output_dir, *RESUME_FLAGS))
     return weights(output_dir / "checkpoint.pth.tar")
 
 
@@ -163,7 +162,7 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
         _signal_self_at(monkeypatch, Precision, "step", lambda n, args: n == stop_at)
         expected = (1, 2) if where == "mid-epoch" else (0, 4)
     with pytest.raises(SystemExit) as exit_info:
-        run_main(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS))
+        run_main_in_process(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS))
     assert exit_info.value.code == 128 + signal.SIGTERM
     monkeypatch.undo()
     path = tmp_path / "checkpoint.pth.tar"
@@ -171,7 +170,7 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
     assert (state["epoch"], state["step"]) == expected
     assert f"resume with --resume {path}" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "SIGTERM"
-    resumed = run_main(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS, "-j", "1", "--resume", str(path)))
+    resumed = run_main_in_process(image_folder, *tiny_flags(tmp_path, *RESUME_FLAGS, "-j", "1", "--resume", str(path)))
     assert resumed["history"][-1]["epoch"] == 1
     final = weights(path)
     assert all(torch.equal(straight[k], final[k]) for k in straight)
@@ -236,7 +235,7 @@ KILLED_WRITER = textwrap.dedent("""
 
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=ROOT, out=str(tmp_path))],
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(root=str(ROOT), out=str(tmp_path))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
     proc.kill()
@@ -246,29 +245,14 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, 
     (stale,) = tmp_path.glob(".tmp-*.pth.tar")
 
     # The next run in that folder clears the killed write's temporary file.
-    run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val"))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val"))
     assert not stale.exists() and f"=> removed {stale}" in (tmp_path / "train.log").read_text()
 
 
 # --- non-finite losses ---
 
-def _poison_loss(monkeypatch, bad_steps):
-    """The training loss is NaN at the given (1-based) training steps of the run."""
-    original = torch.nn.CrossEntropyLoss.forward
-    calls = []
-
-    def forward(self, output, target):
-        loss = original(self, output, target)
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) in bad_steps:
-                return loss * float("nan")
-        return loss
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
-
-
 def test_non_finite_loss_without_amp_stops_with_the_last_good_weights(image_folder, tmp_path, monkeypatch, capsys):
-    _poison_loss(monkeypatch, {3})
+    poison_loss(monkeypatch, {3})
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "2")], "not finite at epoch 0, step 3/4",
                  str(tmp_path / "checkpoint.pth.tar"))
     state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
@@ -282,8 +266,8 @@ FP16 = ("--amp", "--amp-dtype", "float16", "--init-loss-scale", "1024")
 
 
 def test_amp_counts_and_shows_skipped_steps(image_folder, tmp_path, monkeypatch):
-    _poison_loss(monkeypatch, {2, 3, 6})
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *FP16, "--print-freq", "4"))
+    poison_loss(monkeypatch, {2, 3, 6})
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", *FP16, "--print-freq", "4"))
     assert summary["skipped_steps"] == 3 and [h["skipped_steps"] for h in summary["history"]] == [2, 1]
     log = (tmp_path / "train.log").read_text()
     assert "\tSkipped 2" in log and "=> epoch 1: 0 unreadable images replaced, 1 steps skipped" in log
@@ -306,7 +290,7 @@ def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch):
 
 
 def test_amp_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkeypatch, capsys):
-    _poison_loss(monkeypatch, set(range(2, 100)))
+    poison_loss(monkeypatch, set(range(2, 100)))
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--epochs", "2", *FP16, "--max-nonfinite-steps", "3")],
                  "not finite at epoch 0, step 4/4 (3 step(s) in a row)")
     state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
@@ -324,8 +308,9 @@ def test_fp16_gradients_overflowing_at_2_to_24(image_folder, tmp_path, loss_scal
     gradients overflow up to about 2^13) halves at each overflowing step, each skipped, until the steps apply; a
     fixed 2^24 skips every overflowing step and stays."""
     scale = ["--init-loss-scale", str(2 ** 20)] if loss_scale == "dynamic" else ["--loss-scale", str(2 ** 24)]
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "3", "--amp", "--amp-dtype", "float16",
-                                                 *scale, "--no-val", "--seed", "0", "--max-nonfinite-steps", "12"))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "3", "--amp", "--amp-dtype",
+                                                            "float16", *scale, "--no-val", "--seed", "0",
+                                                            "--max-nonfinite-steps", "12"))
     skipped, steps = summary["skipped_steps"], summary["train_steps"]
     state = _scaler_state(tmp_path / "checkpoint.pth.tar")
     if loss_scale == "dynamic":
@@ -342,14 +327,14 @@ def test_an_fp16_run_stopped_mid_epoch_resumes_its_loss_scale_to_the_bit(image_f
     checkpoint's scale and ends with the uninterrupted run's weights and scale."""
     flags = (*RESUME_FLAGS, "--amp", "--amp-dtype", "float16", "--init-loss-scale", str(2 ** 20),
              "--max-nonfinite-steps", "8")
-    run_main(image_folder, *tiny_flags(tmp_path / "straight", *flags))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path / "straight", *flags))
     _signal_self_at(monkeypatch, Precision, "step", lambda n, args: n == 6)
     with pytest.raises(SystemExit):
-        run_main(image_folder, *tiny_flags(tmp_path / "stopped", *flags))
+        run_main_in_process(image_folder, *tiny_flags(tmp_path / "stopped", *flags))
     monkeypatch.undo()
     path = tmp_path / "stopped" / "checkpoint.pth.tar"
     assert 1 < _scaler_state(path)["scale"] < 2 ** 20
-    run_main(image_folder, *tiny_flags(tmp_path / "stopped", *flags, "--resume", str(path)))
+    run_main_in_process(image_folder, *tiny_flags(tmp_path / "stopped", *flags, "--resume", str(path)))
     straight = tmp_path / "straight" / "checkpoint.pth.tar"
     assert _scaler_state(path) == _scaler_state(straight)
     expected, final = weights(straight), weights(path)
@@ -446,6 +431,6 @@ def test_nothing_reaches_the_network(image_folder, tmp_path, monkeypatch):
     def refuse(self, address):
         raise AssertionError(f"network access to {address}")
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1"))
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1"))
     assert summary["epochs"] == 1
     json.dumps(summary)

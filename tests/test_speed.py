@@ -1,17 +1,18 @@
 """Speed options give the results of the plain paths: torch.compile's loss trajectory, bf16 evaluation."""
-import collections
 import json
+import math
+import os
 import re
 
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
+import torchvision.transforms as T
 
 import bench
 import mnasnet
-from conftest import tiny_flags
-from test_main import run_main, weights
+from helpers import ConvolutionDtypes, run_main_in_process, tiny_flags, weights
+from training import prefetch, transforms
 from training.precision import NativeAmp
 
 
@@ -33,8 +34,8 @@ def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path, monke
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        run_main(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "3", "--print-freq", "1",
-                                           "--seed", "0", "--dropout", "0", "--no-val", *extra))
+        run_main_in_process(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "3", "--print-freq", "1",
+                                                      "--seed", "0", "--dropout", "0", "--no-val", *extra))
         losses[name] = _step_losses(out)
     # One graph for the whole network, no breaks; inductor generated (or took from its cache) its forward and
     # backward code.
@@ -45,30 +46,6 @@ def test_compile_follows_the_eager_loss_trajectory(image_folder, tmp_path, monke
     assert set(weights(tmp_path / "compiled" / "checkpoint.pth.tar")) == set(weights(tmp_path / "eager" / "checkpoint.pth.tar"))
 
 
-@pytest.fixture
-def bf16_cpu(monkeypatch):
-    """--amp's bf16 path on any CPU. Where oneDNN has no native bf16 (e.g. AVX2 only, as on the 2-core test machine)
-    NativeAmp stays in fp32, since emulated bf16 is slower; the casts it makes are the same either way, and emulated
-    bf16 kernels compute them, so the check is forced on to test those casts here too."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-
-
-class ConvolutionDtypes(TorchDispatchMode):
-    """Records each convolution that runs, forward and backward, below autocast (so after its casts):
-    (pass, depthwise, dtype of the input or output gradient, dtype of the weight)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
-            self.calls["forward", args[8] > 1, args[0].dtype, args[1].dtype] += 1
-        elif func is torch.ops.aten.convolution_backward.default:
-            self.calls["backward", args[9] > 1, args[0].dtype, args[2].dtype] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_path, bf16_cpu):
     """--amp on the CPU trains in bf16 with the depthwise convolutions in fp32, forward and backward: the fp32
     losses to bf16's precision, and checkpoints with the same plain keys."""
@@ -76,8 +53,8 @@ def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_pat
     for name, extra in (("fp32", []), ("amp", ["--amp"])):
         out = tmp_path / name
         with ConvolutionDtypes() as convolutions[name]:
-            run_main(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "4", "--print-freq", "1",
-                                               "--seed", "0", "--dropout", "0", "--no-val", *extra))
+            run_main_in_process(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "4", "--print-freq",
+                                                          "1", "--seed", "0", "--dropout", "0", "--no-val", *extra))
         losses[name] = _step_losses(out)
     assert "bf16, depthwise convolutions fp32 in training" in (tmp_path / "amp" / "train.log").read_text()
     # mnasnet0_5 has 17 depthwise and 35 other convolutions; 4 steps. The losses cannot tell bf16 everywhere from
@@ -114,11 +91,74 @@ def test_depthwise_convolutions_leave_autocast_only_in_training(bf16_cpu):
     assert dtypes == [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
 
 
+# The code that turns a file into the network's input under each --pipeline (with --fast-val), in training and in
+# validation; fast, the default, has its own (FastTrain, FastVal).
+PIPELINE_STAGES = {"standard": {"RandomResizedCrop", "CenterCrop"},  # torchvision's PIL transforms, in the workers
+                   "tensor": {"TensorTrain", "TensorVal"},  # torchvision.io decode, uint8 tensors, in the workers
+                   "gpu": {"DeviceDecode train", "DeviceDecode val"}}  # the workers read bytes, the device decodes
+
+
+def _record_stages(patch, stages):
+    """Add to ``stages`` the name of each stage of PIPELINE_STAGES, or of the fast pipeline, as it runs."""
+    def record(cls, method, stage):
+        original = getattr(cls, method)
+
+        def recorded(self, *args, **kwargs):
+            stages.add(stage(self))
+            return original(self, *args, **kwargs)
+        patch.setattr(cls, method, recorded)
+    record(T.RandomResizedCrop, "forward", lambda self: "RandomResizedCrop")
+    record(T.CenterCrop, "forward", lambda self: "CenterCrop")
+    for cls in (transforms.FastTrain, transforms.FastVal, transforms.TensorTrain, transforms.TensorVal):
+        record(cls, "__call__", lambda self: type(self).__name__)
+    record(prefetch.DeviceDecode, "__call__", lambda self: f"DeviceDecode {'train' if self.train else 'val'}")
+
+
+def _pipeline_run(image_folder, output_dir, name):
+    """Two steps and a validation with --pipeline NAME: the summary, the stages that ran, and the batches the
+    network was given in training and in validation (where it is a BatchNorm-folded torch.fx copy)."""
+    stages, batches = set(), {True: [], False: []}
+
+    def record_input(module, args):
+        if isinstance(module, (mnasnet.MNASNet, torch.fx.GraphModule)):
+            batches[module.training].append(args[0])
+
+    with pytest.MonkeyPatch.context() as patch:
+        _record_stages(patch, stages)
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(record_input)
+        try:
+            # --seed 0: the same training images, in the same order, in every run.
+            summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--max-steps", "2",
+                                                                    "--seed", "0", "--pipeline", name, "--fast-val",
+                                                                    "--no-checkpoint"))
+        finally:
+            hook.remove()
+    return summary, stages, batches[True], torch.cat(batches[False])
+
+
+@pytest.fixture(scope="module")
+def standard_first_batch(image_folder, tmp_path_factory):
+    """The first training batch the standard pipeline gives the network."""
+    _, _, train, _ = _pipeline_run(image_folder, tmp_path_factory.mktemp("standard"), "standard")
+    return train[0]
+
+
 @pytest.mark.parametrize("name", ["standard", "tensor", "gpu"])
-def test_each_pipeline_trains_and_validates_through_main(image_folder, tmp_path, name):
-    summary = run_main(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "2", "--pipeline", name,
-                                                 "--fast-val", "--no-checkpoint"))
+def test_each_pipeline_trains_and_validates_through_main(image_folder, tmp_path, name, standard_first_batch):
+    summary, stages, train, val = _pipeline_run(image_folder, tmp_path, name)
     assert summary["val_images"] == 15 and summary["train_steps"] == 2
+    # That pipeline's code made the training and the validation images, and no other pipeline's did.
+    assert stages == PIPELINE_STAGES[name]
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
+    # Validation draws no random numbers: the network is given the standard pipeline's pixels (tiny_flags' resize
+    # 52, centre crop 48), normalised, less than two levels of 255 apart (resampling rounds differently).
+    val_set = torchvision.datasets.ImageFolder(os.path.join(image_folder, "val"), transforms.val_transform(52, 48))
+    expected = torch.stack([image for image, _ in val_set])
+    torch.testing.assert_close(val, expected, rtol=0, atol=2 / (255 * min(transforms.IMAGENET_STD)))
+    # Training: the same images, cropped as each pipeline draws its crops (gpu on the device, with other random
+    # numbers): each channel's mean over the first batch is the standard pipeline's (measured: gpu 0.006 off).
+    torch.testing.assert_close(train[0].mean(dim=(0, 2, 3)), standard_first_batch.mean(dim=(0, 2, 3)), rtol=0,
+                               atol=0.05)
 
 
 def test_bench_runs_and_writes_its_table(tmp_path, capsys):

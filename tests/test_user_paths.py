@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import ROOT, tiny_flags, write_image_folder
-from test_main import expect_error, run_main
+from helpers import ROOT, expect_error, launch, run_main_in_process, tiny_flags, write_image_folder
 from training import data, distributed, pipeline, transforms
 from training.precision import Precision
 
@@ -56,7 +55,7 @@ DUMMY = ("--dummy", "--dummy-images", "64", "--epochs", "2", "--no-checkpoint")
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_error_in_the_training_loop_ends_the_run_and_its_workers(tmp_path, processes):
     script = tmp_path / "failing_run.py"
-    script.write_text(FAILING_RUN.format(root=ROOT))
+    script.write_text(FAILING_RUN.format(root=str(ROOT)))
     flags = [*tiny_flags(tmp_path / "out", *DUMMY), "-j", "2"]
     if processes == 2:
         flags += ["-b", "16", "--multiprocessing-distributed", "--device-list", "0,1"]
@@ -96,8 +95,8 @@ def _session_processes(session):
 
 @pytest.mark.parametrize("warmup", ["0", "1"])
 def test_fps_warmup_of_zero_or_one_measures_every_remaining_step(tmp_path, warmup):
-    summary = run_main(*tiny_flags(tmp_path, *DUMMY, "--fps-warmup-steps", warmup, "--max-steps", "3",
-                                   "--no-val"))
+    summary = run_main_in_process(*tiny_flags(tmp_path, *DUMMY, "--fps-warmup-steps", warmup, "--max-steps", "3",
+                                              "--no-val"))
     assert summary["train_steps"] == 6
     assert summary["measured_steps"] == 2 * (3 - int(warmup))
     assert summary["fps"] > 0 and summary["measured_images"] == summary["measured_steps"] * 8
@@ -106,11 +105,9 @@ def test_fps_warmup_of_zero_or_one_measures_every_remaining_step(tmp_path, warmu
 @pytest.mark.parametrize("steps, measured", [("1", 1), ("3", 2)])
 def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measured):
     """A fifth of 1-4 steps is 0 warm-up steps: with 2 or more steps the first is warm-up, with 1 none is."""
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"), "--device=cpu",
-                             "--batch_size=8", f"--steps={steps}", "--workers=0", f"--output_root={tmp_path}", "--",
-                             "--arch", "mnasnet0_5", "--train-crop-size", "48", "--dummy-images", "64"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    result = launch("train_performance_1p.sh", "--device=cpu", "--batch_size=8", f"--steps={steps}", "--workers=0",
+                    f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5", "--train-crop-size", "48",
+                    "--dummy-images", "64")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs8_1p_perf.json").read_text())
     assert summary["train_steps"] == int(steps) and summary["measured_steps"] == measured
@@ -156,8 +153,8 @@ def test_every_image_format_imagefolder_lists_is_read_as_an_image(formats_folder
 
 
 def test_other_formats_train_with_strict_data(formats_folder, tmp_path):
-    summary = run_main(formats_folder, *tiny_flags(tmp_path, "--epochs", "1", "--strict-data", "--pipeline",
-                                                   "tensor", "--fast-val"))
+    summary = run_main_in_process(formats_folder, *tiny_flags(tmp_path, "--epochs", "1", "--strict-data", "--pipeline",
+                                                              "tensor", "--fast-val"))
     assert summary["train_skipped_images"] == 0 and summary["val_skipped_images"] == 0
     assert summary["val_images"] == 3 * (1 + len(FORMATS))
 
@@ -279,11 +276,12 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(im
     monkeypatch.setattr(Precision, "step", step_then_sigterm)
     flags = ("--epochs", "2", "--seed", "1", "--warmup", "1")
     with pytest.raises(SystemExit):
-        run_main(image_folder, *tiny_flags(tmp_path, *flags))
+        run_main_in_process(image_folder, *tiny_flags(tmp_path, *flags))
     monkeypatch.undo()
     saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 4) and saved["trained_epoch"]["count"] == 4 * 8
-    resumed = run_main(image_folder, *tiny_flags(tmp_path, *flags, "--resume", str(tmp_path / "checkpoint.pth.tar")))
+    resumed = run_main_in_process(image_folder, *tiny_flags(tmp_path, *flags, "--resume",
+                                                            str(tmp_path / "checkpoint.pth.tar")))
     assert [row["epoch"] for row in resumed["history"]] == [0, 1]
     assert resumed["history"][0]["train_loss"] == pytest.approx(saved["trained_epoch"]["loss"])
     assert all(row["train_loss"] is not None and row["val_acc1"] is not None for row in resumed["history"])
@@ -296,7 +294,7 @@ def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(im
 @pytest.fixture(scope="module")
 def one_epoch(image_folder, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("one_epoch")
-    summary = run_main(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--seed", "0"))
+    summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "1", "--seed", "0"))
     return output_dir / "checkpoint.pth.tar", summary
 
 
@@ -306,10 +304,10 @@ def test_evaluate_needs_only_val_and_the_checkpoints_classes(image_folder, one_e
     shutil.copytree(os.path.join(image_folder, "val"), val_only / "val")
     # Class n01_red's folder missing too: labels still follow the checkpoint's class list.
     shutil.rmtree(val_only / "val" / "n01_red")
-    full = run_main(image_folder, *tiny_flags(tmp_path / "full", "-e", "--resume", str(path)))
+    full = run_main_in_process(image_folder, *tiny_flags(tmp_path / "full", "-e", "--resume", str(path)))
     assert full["val_acc1"] == pytest.approx(trained["val_acc1"])
     # -b 64: more than the 36 training images (evaluation needs no training batch).
-    alone = run_main(str(val_only), *tiny_flags(tmp_path / "alone", "-e", "--resume", str(path), "-b", "64"))
+    alone = run_main_in_process(str(val_only), *tiny_flags(tmp_path / "alone", "-e", "--resume", str(path), "-b", "64"))
     assert alone["val_images"] == 10
 
 
