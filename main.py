@@ -8,7 +8,7 @@
 
 Read top to bottom: main() parses and launches one process per device, train() is one process's run, and the
 functions after it come in the order train() calls them; ``Run`` holds what a run builds, and saves and stops it.
-The options and their checks are in options.py.
+The options, their checks and the prepare step are in training/options.py.
 """
 from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
 
