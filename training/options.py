@@ -1,5 +1,6 @@
-"""main.py's command line: its options (``build_parser``, ``parse_args``) and everything about them that can be
-checked before any process starts (``check_args``), so a mistake costs one line, not a traceback."""
+"""main.py's command line: its options (``build_parser``, ``parse_args``), what the command line alone decides
+(``check_args``, which changes nothing) and what the run needs from this machine before any process starts
+(``prepare``, which sets the derived settings), so that a mistake costs one line, not a traceback."""
 from training import autoload_off  # noqa: F401  # isort: skip  (before torch: see training/autoload_off.py)
 
 import argparse
