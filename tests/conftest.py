@@ -7,7 +7,7 @@ import pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-from helpers import LAUNCHER_VARIABLES, write_image_folder  # noqa: E402  (helpers puts the checkout on sys.path)
+from helpers import LAUNCHER_VARIABLES, run_main_in_process, tiny_flags, write_image_folder  # noqa: E402  (helpers puts the checkout on sys.path)
 
 torch.set_num_threads(1)
 
@@ -16,6 +16,16 @@ torch.set_num_threads(1)
 def image_folder(tmp_path_factory):
     """A small ImageNet-layout folder: 3 classes, 12 train and 5 val images each (15 val: odd on purpose)."""
     return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def trained(image_folder, tmp_path_factory):
+    """One short training run (8 epochs of the small folder), shared by the tests of training, evaluation and resume
+    that inspect its results: (output folder, summary)."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "8", "--warmup", "1", "--seed", "0",
+                                                            "--nesterov"))
+    return output_dir, summary
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The commands (main.py, mnasnet.py, ...) and the training package import from this checkout, not an installed copy.
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # tools/device_check.py and tools/onnx_to_om.py, imported by their tests
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -235,3 +237,80 @@ def poison_loss(monkeypatch, bad_steps):
                 return loss * float("nan")
         return loss
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+
+
+# --- files and processes the tests make ---
+
+def write_jpeg(path, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+    return str(path)
+
+
+def write_truncated_jpeg(path):
+    write_jpeg(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    return str(path)
+
+
+def write_random_bytes(path):
+    """Random bytes under a .JPEG name."""
+    with open(path, "wb") as handle:
+        handle.write(np.random.default_rng(1).integers(0, 256, 700, dtype=np.uint8).tobytes())
+    return str(path)
+
+
+def write_jpeg_with_corrupt_scan(path):
+    """A whole JPEG (header, end marker) whose compressed data holds a marker libjpeg refuses: it passes the
+    workers' header check and fails only when decoded."""
+    write_jpeg(path)
+    raw = open(path, "rb").read()
+    sos = raw.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(raw[sos + 2:sos + 4], "big")
+    with open(path, "wb") as handle:
+        handle.write(raw[:scan] + b"\xff\x40" + raw[scan:])
+    return str(path)
+
+
+# A torch_npu distribution that registers the wheel's torch.backends entry point and, like the real one without
+# CANN's environment, cannot load (tests/standins/torch_npu_site/torch_npu/__init__.py).
+BROKEN_NPU_SITE = os.path.join(ROOT, "tests", "standins", "torch_npu_site")
+
+# One step of a dummy run: for tests of how a run starts.
+ONE_STEP = ["--dummy", "--dummy-images", "16", "-a", "mnasnet0_5", "-j", "0", "--train-crop-size", "48",
+            "--val-resize-size", "52", "--val-crop-size", "48", "-b", "8", "--epochs", "1", "--max-steps", "1",
+            "--no-val", "--no-checkpoint"]
+
+
+def wait_for_text(path, text, proc, timeout=120):
+    """Wait until the file at ``path`` holds ``text``; fails if ``proc`` ends first or ``timeout`` passes."""
+    start = time.time()
+    while not (os.path.exists(path) and text in open(path).read()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout, f"no {text!r} in {path}"
+        time.sleep(0.2)
+
+
+def popen_main(*argv, env=None):
+    """main.py in a child process of a session of its own: a process group to signal as a terminal's Ctrl-C does."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def scaler_state(path):
+    """The loss scaler's state in a checkpoint."""
+    return torch.load(path, weights_only=True)["precision"]["scaler"]
+
+
+def without(flags, *names):
+    """``flags`` without the given options and their values."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            kept.append(flag)
+    return kept

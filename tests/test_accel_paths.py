@@ -16,56 +16,24 @@ from PIL import Image
 
 import main
 import mnasnet
+from helpers import write_jpeg, write_truncated_jpeg, write_random_bytes, write_jpeg_with_corrupt_scan
 from helpers import ROOT, cpu_runtime, expect_error, run_main_in_process, tiny_flags, write_image_folder
 from training import data, devices, distributed, engine, pipeline, prefetch
 from training.utils import UserError
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import device_check  # noqa: E402
-
-
-def _jpeg(path, seed=0):
-    pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG")
-    return str(path)
-
-
-def _truncated(path):
-    _jpeg(path)
-    with open(path, "r+b") as handle:
-        handle.truncate(os.path.getsize(path) // 2)
-    return str(path)
-
-
-def _foreign(path):
-    """Random bytes under a .JPEG name."""
-    with open(path, "wb") as handle:
-        handle.write(np.random.default_rng(1).integers(0, 256, 700, dtype=np.uint8).tobytes())
-    return str(path)
-
-
-def _corrupt_scan(path):
-    """A whole JPEG (header, end marker) whose compressed data holds a marker libjpeg refuses: it passes the
-    workers' header check and fails only when decoded."""
-    _jpeg(path)
-    raw = open(path, "rb").read()
-    sos = raw.index(b"\xff\xda")
-    scan = sos + 2 + int.from_bytes(raw[sos + 2:sos + 4], "big")
-    with open(path, "wb") as handle:
-        handle.write(raw[:scan] + b"\xff\x40" + raw[scan:])
-    return str(path)
+import device_check
 
 
 def test_gpu_pipeline_workers_turn_away_truncated_and_foreign_files(tmp_path):
-    good = pipeline.bytes_loader(_jpeg(tmp_path / "good.JPEG"))
+    good = pipeline.bytes_loader(write_jpeg(tmp_path / "good.JPEG"))
     assert good.path.endswith("good.JPEG") and good.data.dtype == torch.uint8
     png = tmp_path / "png.JPEG"
     Image.new("RGB", (8, 8)).save(png, format="PNG")
     pipeline.bytes_loader(str(png))  # not a JPEG, still an image: decoded on the host later
-    for bad in (_truncated(tmp_path / "truncated.JPEG"), _foreign(tmp_path / "foreign.JPEG")):
+    for bad in (write_truncated_jpeg(tmp_path / "truncated.JPEG"), write_random_bytes(tmp_path / "foreign.JPEG")):
         with pytest.raises(OSError):
             pipeline.bytes_loader(bad)
-    pipeline.bytes_loader(_corrupt_scan(tmp_path / "scan.JPEG"))  # left to the device stage
+    pipeline.bytes_loader(write_jpeg_with_corrupt_scan(tmp_path / "scan.JPEG"))  # left to the device stage
 
 
 def test_gpu_pipeline_file_bytes_cross_from_a_loader_worker(image_folder):
@@ -81,7 +49,7 @@ def test_gpu_pipeline_file_bytes_cross_from_a_loader_worker(image_folder):
 
 
 def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, caplog):
-    paths = [_jpeg(tmp_path / "a.JPEG", 1), _corrupt_scan(tmp_path / "bad.JPEG"), _jpeg(tmp_path / "c.JPEG", 2)]
+    paths = [write_jpeg(tmp_path / "a.JPEG", 1), write_jpeg_with_corrupt_scan(tmp_path / "bad.JPEG"), write_jpeg(tmp_path / "c.JPEG", 2)]
     files = [pipeline.bytes_loader(p) for p in paths]
     log = types.SimpleNamespace(warning=lambda message: logged.append(message))
     logged = []
@@ -104,7 +72,7 @@ def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, ca
 
 def test_a_validation_batch_of_unscored_files_only_is_empty(tmp_path):
     """The workers turned away every file of the batch (a rank's last batch of one, say): no images, no error."""
-    files = [pipeline.bytes_loader(_jpeg(tmp_path / "a.JPEG", 1))]
+    files = [pipeline.bytes_loader(write_jpeg(tmp_path / "a.JPEG", 1))]
     val = prefetch.DeviceDecode(cpu_runtime(), False, 32, resize_size=36)
     images, labels = val((files, torch.tensor([data.SKIPPED_LABEL])))
     assert images.shape == (0, 3, 32, 32) and len(labels) == 0
@@ -113,11 +81,11 @@ def test_a_validation_batch_of_unscored_files_only_is_empty(tmp_path):
 @pytest.fixture(scope="module")
 def bad_jpeg_folder(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("badjpeg"), train_per_class=7, val_per_class=2)
-    bad = [_truncated(os.path.join(root, "train", "n01_red", "truncated.JPEG")),
-           _foreign(os.path.join(root, "train", "n02_green", "foreign.JPEG")),
-           _corrupt_scan(os.path.join(root, "train", "n03_blue", "scan.JPEG")),
-           _foreign(os.path.join(root, "val", "n01_red", "foreign.JPEG")),
-           _corrupt_scan(os.path.join(root, "val", "n02_green", "scan.JPEG"))]
+    bad = [write_truncated_jpeg(os.path.join(root, "train", "n01_red", "truncated.JPEG")),
+           write_random_bytes(os.path.join(root, "train", "n02_green", "foreign.JPEG")),
+           write_jpeg_with_corrupt_scan(os.path.join(root, "train", "n03_blue", "scan.JPEG")),
+           write_random_bytes(os.path.join(root, "val", "n01_red", "foreign.JPEG")),
+           write_jpeg_with_corrupt_scan(os.path.join(root, "val", "n02_green", "scan.JPEG"))]
     return root, bad
 
 
@@ -138,7 +106,7 @@ def test_gpu_pipeline_counts_replaces_and_skips_unreadable_images(bad_jpeg_folde
 
 def test_strict_data_stops_at_a_file_only_the_device_stage_finds(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", train_per_class=3, val_per_class=1)
-    bad = _corrupt_scan(os.path.join(root, "train", "n02_green", "scan.JPEG"))
+    bad = write_jpeg_with_corrupt_scan(os.path.join(root, "train", "n02_green", "scan.JPEG"))
     err = expect_error(capsys, [root, *tiny_flags(tmp_path / "out", "--epochs", "1", "--pipeline", "gpu",
                                                   "--strict-data", "-b", "10")], "--strict-data")
     assert bad in err

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_image_folder
 from training import data, demo, transforms
 from training.utils import UserError
 
@@ -151,7 +152,7 @@ def test_prepare_demo_folder_is_complete_and_idempotent(tmp_path):
 
 def test_prepare_demo_folder_distrusts_a_half_written_folder(tmp_path):
     root = tmp_path / "digits"
-    _folder(root, {"train": {"0": 1}})
+    write_image_folder(root, train_per_class=1, val_per_class=0)
     with pytest.raises(UserError, match=str(root)):
         demo.prepare_demo_folder(root)
 

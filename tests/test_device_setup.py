@@ -13,16 +13,10 @@ import torch
 import torch.distributed as dist
 
 import main
+from helpers import BROKEN_NPU_SITE, ONE_STEP
 from helpers import ROOT, clean_env, device_args, expect_error, run_main_subprocess, tiny_flags
 from training import distributed
 from training.utils import UserError
-
-# A torch_npu distribution that registers the wheel's torch.backends entry point and, like the real one without
-# CANN's environment, cannot load (tests/standins/torch_npu_site/torch_npu/__init__.py).
-BROKEN_NPU_SITE = os.path.join(ROOT, "tests", "standins", "torch_npu_site")
-ONE_STEP = ["--dummy", "--dummy-images", "16", "-a", "mnasnet0_5", "-j", "0", "--train-crop-size", "48",
-            "--val-resize-size", "52", "--val-crop-size", "48", "-b", "8", "--epochs", "1", "--max-steps", "1",
-            "--no-val", "--no-checkpoint"]
 
 
 # --- a torch_npu that cannot load (CANN's set_env.sh not sourced) ---

@@ -16,15 +16,6 @@ from training import demo, engine, recipe, transforms
 from training.utils import state_digest
 
 
-@pytest.fixture(scope="module")
-def trained(image_folder, tmp_path_factory):
-    """One short training run shared by the tests that inspect its results."""
-    output_dir = tmp_path_factory.mktemp("trained")
-    summary = run_main_in_process(image_folder, *tiny_flags(output_dir, "--epochs", "8", "--warmup", "1", "--seed", "0",
-                                                            "--nesterov"))
-    return output_dir, summary
-
-
 def test_training_learns(trained):
     output_dir, summary = trained
     history = summary["history"]

@@ -16,8 +16,7 @@ from helpers import ROOT, device_args, run_main_in_process, tiny_flags
 from standins.npu_settings import npu_module
 from training import devices, distributed
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import onnx_to_om  # noqa: E402
+import onnx_to_om
 
 CHIP_DEFAULT = "torch_npu's default for this chip"
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import main
+from helpers import wait_for_text, popen_main, scaler_state
 from helpers import ROOT, expect_error, poison_loss, run_main_in_process, tiny_flags, weights, write_image_folder
 from training import checkpoint, data, engine, transforms
 from training.meters import SkippedSteps
@@ -176,23 +177,9 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
     assert all(torch.equal(straight[k], final[k]) for k in straight)
 
 
-def _wait_for(path, text, proc, timeout=120):
-    start = time.time()
-    while not (os.path.exists(path) and text in open(path).read()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - start < timeout, f"no {text!r} in {path}"
-        time.sleep(0.2)
-
-
-def _popen(*argv, env=None):
-    # A session of its own: a process group to signal as a terminal's Ctrl-C does.
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-
-
 def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
-    proc = _popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "-j", "1", "--print-freq", "1"))
-    _wait_for(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
+    proc = popen_main(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "-j", "1", "--print-freq", "1"))
+    wait_for_text(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C signals the whole process group: the loader worker too
     # It stops after the current step, a fraction of a second; the limit only tells a hang (50 epochs are minutes).
     out, err = proc.communicate(timeout=120)
@@ -206,9 +193,9 @@ def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
 def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # One loader worker per rank: the workers ignore the signal, and must still end with their rank.
-    proc = _popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--print-freq", "1", "-j", "1",
+    proc = popen_main(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--print-freq", "1", "-j", "1",
                                             "--multiprocessing-distributed", "--device-list", "0,1"), env=env)
-    _wait_for(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
+    wait_for_text(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
     proc.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler might
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -298,10 +285,6 @@ def test_amp_stops_when_the_loss_stays_non_finite(image_folder, tmp_path, monkey
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
-def _scaler_state(path):
-    return torch.load(path, weights_only=True)["precision"]["scaler"]
-
-
 @pytest.mark.parametrize("loss_scale", ["dynamic", "fixed"])
 def test_fp16_gradients_overflowing_at_2_to_24(image_folder, tmp_path, loss_scale):
     """torch's own fp16 autocast and GradScaler on the CPU. A dynamic scale starting at 2^20 (this model's
@@ -312,7 +295,7 @@ def test_fp16_gradients_overflowing_at_2_to_24(image_folder, tmp_path, loss_scal
                                                             "float16", *scale, "--no-val", "--seed", "0",
                                                             "--max-nonfinite-steps", "12"))
     skipped, steps = summary["skipped_steps"], summary["train_steps"]
-    state = _scaler_state(tmp_path / "checkpoint.pth.tar")
+    state = scaler_state(tmp_path / "checkpoint.pth.tar")
     if loss_scale == "dynamic":
         assert 1 <= skipped < steps == 12
         assert state["scale"] == 2 ** 20 / 2 ** skipped  # no growth within 2000 good steps
@@ -333,10 +316,10 @@ def test_an_fp16_run_stopped_mid_epoch_resumes_its_loss_scale_to_the_bit(image_f
         run_main_in_process(image_folder, *tiny_flags(tmp_path / "stopped", *flags))
     monkeypatch.undo()
     path = tmp_path / "stopped" / "checkpoint.pth.tar"
-    assert 1 < _scaler_state(path)["scale"] < 2 ** 20
+    assert 1 < scaler_state(path)["scale"] < 2 ** 20
     run_main_in_process(image_folder, *tiny_flags(tmp_path / "stopped", *flags, "--resume", str(path)))
     straight = tmp_path / "straight" / "checkpoint.pth.tar"
-    assert _scaler_state(path) == _scaler_state(straight)
+    assert scaler_state(path) == scaler_state(straight)
     expected, final = weights(straight), weights(path)
     assert all(torch.equal(expected[k], final[k]) for k in expected)
 
@@ -349,10 +332,10 @@ def test_a_dead_or_hung_rank_makes_the_other_exit_with_a_clear_error(image_folde
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
-    procs = [_popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--dist-timeout", "5"),
+    procs = [popen_main(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--dist-timeout", "5"),
                     env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(2)]
     try:
-        _wait_for(tmp_path / "rank1.log", "Epoch: [1]", procs[1])
+        wait_for_text(tmp_path / "rank1.log", "Epoch: [1]", procs[1])
         os.kill(procs[1].pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
         # A dead peer breaks the connection at once, a hung one times out after --dist-timeout 5 s; the limit only
         # tells a hang (50 epochs are minutes).

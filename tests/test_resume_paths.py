@@ -11,25 +11,13 @@ import torchvision
 from torch import nn
 
 import mnasnet
+from helpers import without
 from helpers import (NON_UNIT_ARCHS, TINY, assert_same_state, expect_error, launch_ok, logged_digest, randomize,
                      run_main_in_process, run_main_subprocess, tiny_flags, v1_checkpoint)
 from training import checkpoint
 from training.utils import state_digest
 
 WRAPPERS = {"DataParallel": nn.DataParallel, "torch.compile": torch.compile}
-
-
-def without(flags, *names):
-    """``flags`` without the given options and their values."""
-    kept, skip = [], False
-    for flag in flags:
-        if skip:
-            skip = False
-        elif flag in names:
-            skip = True
-        else:
-            kept.append(flag)
-    return kept
 
 
 def lr_by_epoch(output_dir):
