@@ -7,7 +7,8 @@ import pytest
 os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
-from helpers import LAUNCHER_VARIABLES, run_main_in_process, tiny_flags, write_image_folder  # noqa: E402  (helpers puts the checkout on sys.path)
+from helpers import (LAUNCHER_VARIABLES, run_main_in_process,  # noqa: E402  (helpers puts the checkout on sys.path)
+                     tiny_flags, write_image_folder)
 
 torch.set_num_threads(1)
 

@@ -1,3 +1,5 @@
+"""training/data.py: the image folders and their checks, image formats, samplers, loaders and their workers."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -5,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_image_folder
-from training import data, demo, transforms
+import main
+from helpers import run_main_in_process, tiny_flags, write_image_folder
+from training import data, distributed, pipeline, transforms
 from training.utils import UserError
 
 
@@ -60,13 +63,6 @@ def test_val_labels_follow_train_class_names(tmp_path):
     _, val_set = data.image_folders(root, None, None)
     assert sorted((os.path.basename(os.path.dirname(p)), label) for p, label in val_set.samples) == [
         ("b", 1), ("b", 1), ("c", 2)]
-
-
-def test_transforms_accept_grey_cmyk_palette_images():
-    for mode in ("L", "CMYK", "P", "RGBA"):
-        image = Image.new(mode, (30, 20))
-        assert transforms.train_transform(64, scale=(0.35, 1.0))(image).shape == (3, 64, 64)
-        assert transforms.val_transform(64, 64)(image).shape == (3, 64, 64)
 
 
 @pytest.mark.parametrize("layout, named", [
@@ -123,40 +119,6 @@ def test_synthetic_images_are_deterministic():
         a[5]
 
 
-def test_prepare_demo_folder_is_complete_and_idempotent(tmp_path):
-    from sklearn.datasets import load_digits
-
-    root = tmp_path / "cache" / "digits"
-    assert demo.prepare_demo_folder(root) == str(root)
-    per_class = np.bincount(load_digits().target)
-    expected_val = [round(n * demo.DEMO_VAL_FRACTION) for n in per_class]
-    counts = {}
-    for split in ("train", "val"):
-        assert sorted(os.listdir(root / split)) == [str(d) for d in range(10)]
-        counts[split] = [len(os.listdir(root / split / str(d))) for d in range(10)]
-    assert counts["val"] == expected_val
-    assert [t + v for t, v in zip(counts["train"], counts["val"])] == list(per_class)
-    with Image.open(next((root / "val" / "3").iterdir())) as image:
-        assert image.mode == "RGB" and image.size == (demo.DEMO_IMAGE_SIZE, demo.DEMO_IMAGE_SIZE)
-    assert os.listdir(root.parent) == ["digits"]
-
-    files = sorted(str(p) for p in root.rglob("*"))
-    mtimes = [os.stat(p).st_mtime_ns for p in files]
-    assert demo.prepare_demo_folder(str(root)) == str(root)
-    assert sorted(str(p) for p in root.rglob("*")) == files
-    assert [os.stat(p).st_mtime_ns for p in files] == mtimes
-
-    train_set, val_set = data.image_folders(root, None, None)
-    assert train_set.classes == [str(d) for d in range(10)] and len(val_set) == sum(expected_val)
-
-
-def test_prepare_demo_folder_distrusts_a_half_written_folder(tmp_path):
-    root = tmp_path / "digits"
-    write_image_folder(root, train_per_class=1, val_per_class=0)
-    with pytest.raises(UserError, match=str(root)):
-        demo.prepare_demo_folder(root)
-
-
 def test_build_loader_seeded_order_and_augmentation_repeat(folder):
     def order(seed, epoch=0):
         sampler = data.TrainSampler(range(40), 1, 0, seed)
@@ -181,3 +143,155 @@ def test_build_loader_with_sampler(folder):
     loader = data.build_loader(val_set, 2, 0, sampler=data.EvalShardSampler(val_set, 2, 1))
     assert not loader.persistent_workers
     assert [y.tolist() for _, y in loader] == [[val_set.samples[1][1]]]
+
+
+def test_augmentation_does_not_depend_on_workers(image_folder):
+    train_set, _ = data.image_folders(image_folder, transforms.train_transform(32), None, seed=5)
+    batches = []
+    for workers in (0, 2):
+        sampler = data.TrainSampler(train_set, 1, 0, seed=5)
+        sampler.set_epoch(3, start=8)
+        loader = data.build_loader(train_set, 4, workers, sampler=sampler)
+        batches.append([images for images, _ in loader])
+    assert len(batches[0]) == len(train_set) // 4 - 2
+    assert all(torch.equal(a, b) for a, b in zip(*batches))
+
+
+# --- image formats: what ImageFolder lists and Pillow reads is an image ---
+
+# (file name, Pillow format): every extension ImageFolder lists, and a GIF under a listed name.
+FORMATS = [("a.bmp", "BMP"), ("b.tif", "TIFF"), ("c.tiff", "TIFF"), ("d.ppm", "PPM"), ("e.pgm", "PPM"),
+           ("f.png", "PNG"), ("g.webp", "WEBP"), ("h_gif_inside.jpg", "GIF"), ("i.jpeg", "JPEG")]
+
+
+@pytest.fixture(scope="module")
+def formats_folder(tmp_path_factory):
+    """The tiny folder, plus one image in each format in every train/ and val/ class."""
+    root = write_image_folder(tmp_path_factory.mktemp("formats"), train_per_class=3, val_per_class=1)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in os.listdir(os.path.join(root, split)):
+            for name, fmt in FORMATS:
+                pixels = rng.integers(0, 255, (44, 52, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels).convert("L" if name.endswith(".pgm") else "RGB")
+                image.save(os.path.join(root, split, cls, name), format=fmt)
+    return root
+
+
+def _datasets(root, name, fast_val=True):
+    args = main.parse_args(["x", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
+                            "--min-crop-scale", "0.5", "--pipeline", name])
+    (train_tf, train_read), (val_tf, val_read) = pipeline.build(name, args, fast_val=fast_val)
+    return data.image_folders(root, train_tf, val_tf, seed=0, loaders=(train_read, val_read))
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_every_image_format_imagefolder_lists_is_read_as_an_image(formats_folder, name):
+    for ds in _datasets(formats_folder, name):
+        for index, (path, label) in enumerate(ds.samples):
+            image, target = ds[index]
+            assert target == label and tuple(image.shape) == (3, 32, 32), path
+        assert not ds.unreadable.any(), [ds.samples[i][0] for i in ds.unreadable.nonzero().flatten()]
+        assert {os.path.splitext(p)[1] for p, _ in ds.samples} >= {".bmp", ".tif", ".ppm", ".pgm", ".webp"}
+
+
+def test_other_formats_train_with_strict_data(formats_folder, tmp_path):
+    summary = run_main_in_process(formats_folder, *tiny_flags(tmp_path, "--epochs", "1", "--strict-data", "--pipeline",
+                                                              "tensor", "--fast-val"))
+    assert summary["train_skipped_images"] == 0 and summary["val_skipped_images"] == 0
+    assert summary["val_images"] == 3 * (1 + len(FORMATS))
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_a_corrupt_file_in_any_format_is_still_unreadable(tmp_path, name):
+    root = write_image_folder(tmp_path, train_per_class=2, val_per_class=1)
+    folder = os.path.join(root, "train", "n01_red")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(os.path.join(folder, "cut.bmp"))
+    with open(os.path.join(folder, "cut.bmp"), "r+b") as handle:
+        handle.truncate(200)
+    with open(os.path.join(folder, "text.tif"), "w") as handle:
+        handle.write("not a picture\n")
+    train_set, _ = _datasets(root, name)
+    bad = {i for i, (path, _) in enumerate(train_set.samples) if os.path.basename(path) in ("cut.bmp", "text.tif")}
+    for index in range(len(train_set)):
+        train_set[index]
+    assert set(train_set.unreadable.nonzero().flatten().tolist()) == bad
+    assert all(train_set.read_error(i) for i in bad)
+
+
+@pytest.mark.parametrize("name", ["fast", "tensor", "standard"])
+def test_an_error_in_a_transform_is_a_traceback_not_an_unreadable_image(image_folder, monkeypatch, name):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in a transform")
+    # Every pipeline's training crop goes through one of these.
+    monkeypatch.setattr(transforms.F, "resized_crop", broken)
+    monkeypatch.setattr(transforms.Image.Image, "resize", broken)
+    monkeypatch.setattr(transforms.T.RandomResizedCrop, "forward", broken)
+    train_set, _ = _datasets(image_folder, name)
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        train_set[0]
+    assert not train_set.unreadable.any()
+
+
+# --- loader workers and host memory ---
+
+def _loaders(image_folder, tmp_path, *extra):
+    args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
+    main.prepare(args)
+    runtime = distributed.Runtime(kind="cpu", device=torch.device("cpu"))
+    train_set, val_set = main.build_datasets(args)
+    return main.build_loaders(train_set, val_set, runtime, args, main.setup_logging(str(tmp_path), "t.log", 0))
+
+
+def test_validation_workers_end_with_each_pass_training_workers_stay(image_folder, tmp_path):
+    train_loader, val_loader, _ = _loaders(image_folder, tmp_path)
+    try:
+        for _ in train_loader:
+            pass
+        training_workers = set(multiprocessing.active_children())
+        assert len(training_workers) == 2
+        for _ in val_loader:
+            pass
+        # Validation's workers are gone; training's two wait for the next epoch.
+        assert set(multiprocessing.active_children()) == training_workers
+    finally:
+        data.close_loaders()
+    assert not multiprocessing.active_children()
+
+
+def test_image_folder_samples_are_numpy_arrays_not_python_objects(image_folder):
+    train_set, val_set = _datasets(image_folder, "fast")
+    for ds in (train_set, val_set):
+        assert not isinstance(ds.samples, list)
+        assert all(isinstance(value, np.ndarray) for value in vars(ds.samples).values())
+        listed = data.datasets.ImageFolder(ds.root, allow_empty=True).samples
+        assert [(path, ds.classes[label]) for path, label in ds.samples] == [
+            (path, os.path.basename(os.path.dirname(path))) for path, _ in listed]
+
+
+def _private_mib():
+    with open("/proc/self/smaps_rollup") as handle:
+        fields = dict(line.split()[:2] for line in handle if line.split()[0].startswith("Private"))
+    return sum(int(value) for value in fields.values()) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux /proc only")
+def test_a_forked_worker_reading_every_sample_does_not_copy_the_list():
+    plain = [(f"/data/imagenet/train/n{c:08d}/n{c:08d}_{i:06d}.JPEG", c) for i in range(300) for c in range(1000)]
+    packed = data.PackedSamples(plain)
+    assert packed[12345] == plain[12345] and packed[-1] == plain[-1] and len(packed) == len(plain)
+    growth = {}
+    for name, samples in (("list", plain), ("packed", packed)):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a loader worker: forked, reads each sample once
+            before = _private_mib()
+            for index in range(len(samples)):
+                samples[index]
+            os.write(write, str(_private_mib() - before).encode())
+            os._exit(0)
+        os.close(write)
+        growth[name] = float(os.read(read, 100))
+        os.waitpid(pid, 0)
+    # The list's pages are copied into the worker (about 30 MiB here); the arrays' are not.
+    assert growth["list"] > 10 and growth["packed"] < 3, growth

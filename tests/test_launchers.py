@@ -1,16 +1,96 @@
 """End-to-end tests of the test/*.sh launchers on CPU: tiny model, tiny crops, a few steps, 2 gloo processes."""
-
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import LAUNCH_ENV, NETWORK, ROOT, TINY, launch, launch_ok, read_case, write_image_folder
+from helpers import (BROKEN_NPU_SITE, LAUNCH_ENV, NETWORK, ROOT, TINY, clean_env, launch, launch_ok, read_case,
+                     write_image_folder)
+
+
+def launcher_env(tmp_path, **extra):
+    return {**clean_env(PYTHONPATH=BROKEN_NPU_SITE, PYTHON=sys.executable, HOME=str(tmp_path)), **extra}
+
+
+def test_launchers_run_next_to_a_torch_npu_that_cannot_load(tmp_path):
+    """--device=auto: the launcher's own probe and main.py both fall back to the CPU; torchrun (which imports torch
+    before main.py) with --device=cpu."""
+    tiny = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "48", "--dummy-images", "32"]
+    for script, options, case in (
+            ("train_performance_1p.sh", ["--device=auto"], "bs8_1p_perf"),
+            ("train_performance_8p.sh", ["--device=cpu", "--num_devices=2", "--launcher=torchrun"], "bs8_2p_perf")):
+        result = subprocess.run(["bash", os.path.join(ROOT, "test", script), *options, "--batch_size=8",
+                                 "--steps=5", "--workers=0", f"--output_root={tmp_path / script}", *tiny],
+                                cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, result.stderr
+        report = (tmp_path / script / "0" / f"MnasNet_for_PyTorch_{case}.log").read_text()
+        assert "Device = cpu" in report, report
+
+
+# --- test/env_npu.sh: where CANN is ---
+
+def source_env_npu(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "MNASNET_", "TORCH_DEVICE_BACKEND"))}
+    env.update(HOME=str(tmp_path), **extra)
+    return subprocess.run(["bash", "-c", "source test/env_npu.sh; echo \"sourced=${CANN_SOURCED:-no} "
+                           "autoload=${TORCH_DEVICE_BACKEND_AUTOLOAD:-unset}\""],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def fake_cann(root):
+    """CANN 8.5+'s layout: <install path>/cann/set_env.sh, which exports ASCEND_HOME_PATH."""
+    cann = root / "Ascend" / "cann"
+    cann.mkdir(parents=True)
+    (cann / "set_env.sh").write_text(f"export ASCEND_HOME_PATH={cann}\nexport CANN_SOURCED=yes\n")
+    return cann
+
+
+def test_env_npu_finds_the_cann_8_5_layout(tmp_path):
+    fake_cann(tmp_path)  # ~/Ascend/cann: a non-root user's default install path
+    result = source_env_npu(tmp_path)
+    assert result.returncode == 0 and "CANN not found" not in result.stderr, result.stderr
+    assert result.stdout.split() == ["sourced=yes", "autoload=unset"]
+
+
+def test_env_npu_with_ascend_home_path_set_sources_nothing_again(tmp_path):
+    cann = tmp_path / "elsewhere" / "cann"
+    cann.mkdir(parents=True)  # set_env.sh already sourced: ASCEND_HOME_PATH names the install, no set_env.sh found
+    result = source_env_npu(tmp_path, ASCEND_HOME_PATH=str(cann))
+    assert result.returncode == 0 and "CANN not found" not in result.stderr, result.stderr
+    assert result.stdout.split() == ["sourced=no", "autoload=unset"]
+
+
+def test_env_npu_without_cann_turns_torch_npu_autoloading_off(tmp_path):
+    result = source_env_npu(tmp_path)
+    assert "CANN not found" in result.stderr
+    assert result.stdout.split() == ["sourced=no", "autoload=0"]
+
+
+def test_env_npu_sourced_under_set_e_survives_msnpureport_failing(tmp_path):
+    """msnpureport fails for a device id the host lacks (fewer than 8 NPUs); tools/device_check.sh sources
+    env_npu.sh under `set -e`, which that failure must not end."""
+    cann = fake_cann(tmp_path)
+    bin_dir = cann / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "msnpureport").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "msnpureport").chmod(0o755)
+    with open(cann / "set_env.sh", "a") as handle:
+        handle.write(f"export PATH={bin_dir}:$PATH\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "TORCH_DEVICE_BACKEND"))}
+    result = subprocess.run(["bash", "tools/device_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, "HOME": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
 
 VAL_IMAGES = 9  # odd on purpose: 2 ranks must still count each image exactly once
+
+
 SCRIPTS = ["train_full_1p.sh", "train_performance_1p.sh", "train_full_8p.sh", "train_performance_8p.sh",
            "train_eval_8p.sh"]
 
@@ -247,3 +327,80 @@ def test_performance_8p_synthetic(tmp_path):
     check_speed(result, fields, summary, measured_steps=3, batch=8)
     assert summary["train_steps"] == 4
     check_rank0_log(out_dir / "train_0.log", epochs=1, validations=0)
+
+
+def test_launchers_pass_an_a1_arch_through_to_main(tmp_path):
+    launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=4", "--steps=2", "--workers=0",
+              f"--output_root={tmp_path}", "--", "--arch", "mnasnet_a1_0_75", "--train-crop-size", "48",
+              "--dummy-images", "8")
+    _, summary = read_case(tmp_path / "0", f"{NETWORK}_bs4_1p_perf")
+    assert summary["arch"] == "mnasnet_a1_0_75" and summary["train_steps"] == 2
+
+
+# --- the launchers ---
+
+def test_launchers_pass_arch_on(tmp_path):
+    result = launch("train_performance_1p.sh", "--arch=mnasnet0_75", "--device=cpu", "--batch_size=4", "--steps=2",
+                    "--workers=0", f"--output_root={tmp_path}", "--", "--train-crop-size", "48", "--dummy-images", "8",
+                    timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs4_1p_perf.json").read_text())
+    assert summary["arch"] == "mnasnet0_75"
+
+    result = launch("train_performance_1p.sh", "--arch=mnasnet0_9", "--device=cpu", timeout=300)
+    assert result.returncode == 2 and "argument -a/--arch: invalid choice: 'mnasnet0_9'" in result.stderr
+    result = launch("train_full_8p.sh", "--arch=../x", timeout=60)
+    assert result.returncode == 2 and "--arch must be a network name such as mnasnet1_0, not '../x'" in result.stderr
+
+
+@pytest.mark.parametrize("device_name, message", [
+    ("gpu", "NVIDIA apex removed apex.amp in 2025 (25.05 was the last release with it)"),
+    ("cpu", "apex runs on an NPU or a GPU"),
+])
+def test_launcher_amp_level_o2_without_apex_amp_is_a_clear_error(tmp_path, device_name, message):
+    (tmp_path / "apex").mkdir()
+    (tmp_path / "apex" / "__init__.py").write_text("")  # NVIDIA apex 25.07 and later: no apex.amp
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"),
+                             f"--device={device_name}", "--amp_level=O2", f"--output_root={tmp_path / 'out'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "--amp_level=O1" in result.stderr, result.stderr
+    assert "running:" not in result.stdout
+
+
+def test_launcher_profiles_every_rank_and_reports_the_data_wait_share(tmp_path):
+    result = launch("train_performance_8p.sh", "--device=cpu", "--num_devices=2", "--batch_size=4", "--steps=4",
+                    "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
+                    "--train-crop-size", "48", "--dummy-images", "32", "--profile-steps", "1,0,1", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "0"
+    case = "MnasNet_for_PyTorch_bs4_2p_perf"
+    fields = dict(line.split(" = ", 1) for line in (out / f"{case}.log").read_text().splitlines())
+    summary = json.loads((out / f"{case}.json").read_text())
+    assert float(fields["DataWaitShare"]) == pytest.approx(summary["data_wait_share"], abs=5e-4)
+    assert 0 < float(fields["DataWaitShare"]) < 1
+    for rank in (0, 1):
+        assert len(list((out / "profile").glob(f"rank{rank}.*.pt.trace.json"))) == 1
+    # The table is rank 0's alone.
+    assert "operators by self time" in (out / "train_0.log").read_text()
+    assert "operators by self time" not in (out / "rank1.log").read_text()
+
+
+def test_launchers_pass_the_reference_recipes_bn_momentum(tmp_path):
+    result = launch_ok("train_performance_1p.sh", "--device=cpu", "--batch_size=4", "--steps=5", "--workers=0",
+                       f"--output_root={tmp_path}", *TINY, "--dummy-images", "20")
+    command = re.search(r"^running: (.*)$", result.stdout, re.M).group(1).split()
+    assert command[command.index("--bn-momentum") + 1] == "0.1"
+
+
+@pytest.mark.parametrize("steps, measured", [("1", 1), ("3", 2)])
+def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measured):
+    """A fifth of 1-4 steps is 0 warm-up steps: with 2 or more steps the first is warm-up, with 1 none is."""
+    result = launch("train_performance_1p.sh", "--device=cpu", "--batch_size=8", f"--steps={steps}", "--workers=0",
+                    f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5", "--train-crop-size", "48",
+                    "--dummy-images", "64")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs8_1p_perf.json").read_text())
+    assert summary["train_steps"] == int(steps) and summary["measured_steps"] == measured
+    assert summary["fps"] > 0

@@ -5,6 +5,8 @@ import os
 from helpers import ROOT
 
 COMMANDS = {"main", "classify", "export_onnx", "bench"}
+
+
 PACKAGE = os.path.join(ROOT, "training")
 
 

@@ -1,4 +1,4 @@
-"""The per-epoch metrics file, its TensorBoard twin and the PNG of the curves."""
+"""training/metrics.py: the per-epoch metrics file, its TensorBoard twin and the PNG of the curves."""
 import csv
 
 import pytest

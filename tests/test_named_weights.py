@@ -1,5 +1,5 @@
 """--pretrained torchvision|timm (published weights through each library's weights API, from a pre-placed cache
-file: nothing here can download), --interpolation and --crop-pct, and the launchers' --arch=."""
+file: nothing here can download), --interpolation and --crop-pct."""
 import json
 import os
 import socket
@@ -13,11 +13,13 @@ from PIL import Image
 
 import classify
 import main
-from helpers import cpu_runtime, launch, run_main_in_process, run_main_subprocess, tiny_flags
+from helpers import cpu_runtime, run_main_in_process, run_main_subprocess, tiny_flags
 from training import named_weights, options, pipeline, transforms
 from training.utils import UserError
 
 TIMM_TAG = "mnasnet_100.rmsp_in1k"  # timm's only published B1; its mnasnet_050 has no weights
+
+
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -274,19 +276,3 @@ def test_classify_validates_as_the_checkpoint_was():
     assert classify.eval_sizes(recorded) == (73, 64, "bicubic")
     assert classify.eval_sizes({"args": {"val_resize_size": 73}}) == (73, 224, "bilinear")  # older checkpoints
     assert classify.eval_sizes({}) == (256, 224, "bilinear")  # torchvision's files
-
-
-# --- the launchers ---
-
-def test_launchers_pass_arch_on(tmp_path):
-    result = launch("train_performance_1p.sh", "--arch=mnasnet0_75", "--device=cpu", "--batch_size=4", "--steps=2",
-                    "--workers=0", f"--output_root={tmp_path}", "--", "--train-crop-size", "48", "--dummy-images", "8",
-                    timeout=300)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs4_1p_perf.json").read_text())
-    assert summary["arch"] == "mnasnet0_75"
-
-    result = launch("train_performance_1p.sh", "--arch=mnasnet0_9", "--device=cpu", timeout=300)
-    assert result.returncode == 2 and "argument -a/--arch: invalid choice: 'mnasnet0_9'" in result.stderr
-    result = launch("train_full_8p.sh", "--arch=../x", timeout=60)
-    assert result.returncode == 2 and "--arch must be a network name such as mnasnet1_0, not '../x'" in result.stderr

@@ -1,19 +1,61 @@
-"""The precision engines (precision.py) and the optimizer (recipe.py): apex through a stand-in, fused SGD after
-skipped steps, loss-scaler checkpoints across device kinds, fixed loss scales, and what an apex request does
-without apex.amp."""
-import os
-import subprocess
+"""training/precision.py: apex (NVIDIA's and Ascend's) through stand-ins, loss-scaler checkpoints across device
+kinds, fixed loss scales, the scaler's verdict kept on the device, and autocast around depthwise convolutions."""
 import sys
 import types
 
 import pytest
 import torch
+import torchvision
 
 import main
-from helpers import ROOT, expect_error, poison_loss, run_main_in_process, tiny_flags, weights
+from helpers import expect_error, poison_loss, run_main_in_process, tiny_flags, weights
 from standins import apex_amp, npu_grad_scaler
-from training import devices, recipe
+from training import devices
+from training.meters import SkippedSteps
 from training.precision import ApexAmp, NativeAmp, build_precision
+
+# --- Ascend apex master: combined gradients, and torch.nn.Module.zero_grad that refuses set_to_none=True ---
+
+@pytest.fixture
+def ascend_apex_on_cpu(monkeypatch):
+    """apex.amp (the stand-in of Ascend apex master) initialised as on an NPU (combine_grad), on a run whose checks
+    see a GPU machine and which then trains on the CPU."""
+    apex_amp.install(monkeypatch)
+    monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
+    monkeypatch.setattr(devices, "device_count", lambda kind: 1)
+    prepare, build_precision = main.prepare, main.build_precision
+
+    def prepared_then_on_the_cpu(args):
+        prepare(args)
+        args.device_kind = "cpu"
+    monkeypatch.setattr(main, "prepare", prepared_then_on_the_cpu)
+    monkeypatch.setattr(main, "build_precision", lambda kind, *rest: build_precision("npu", *rest))
+
+
+def test_the_stand_in_module_zero_grad_refuses_set_to_none(monkeypatch):
+    apex_amp.install(monkeypatch)
+    weight = torch.nn.Parameter(torch.ones(3))
+    apex_amp.initialize(weight, torch.optim.SGD([weight], lr=0.1), combine_grad=True)
+    with pytest.raises(AssertionError, match="set_to_none"):
+        torch.nn.Linear(2, 2).zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("opt_level, extra", [("O1", ["--model-ema", "--model-ema-steps", "1"]), ("O2", [])])
+def test_training_under_ascend_apex_master_keeps_the_combined_gradients(image_folder, tmp_path, ascend_apex_on_cpu,
+                                                                        opt_level, extra):
+    """Nothing on the training path (steps, EMA, validation, checkpoints) calls Module.zero_grad with
+    set_to_none=True, which apex's replacement refuses, and every step zeroes the gradients through the optimizer's
+    zero_grad(), in place: at the end the parameters hold the gradients the first backward made."""
+    summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "2", "--amp", "--amp-backend", "apex",
+                                                            "--opt-level", opt_level, *extra))
+    assert torch.nn.Module.zero_grad is apex_amp.zero_grad  # still apex's (install() puts torch's back after the test)
+    assert summary["train_steps"] == 8 and summary["val_images"] == 15
+    (optimizer,) = apex_amp.initialized_optimizers
+    stash = optimizer._amp_stash
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(stash.zeroed_grads) == 8 - (opt_level == "O1")  # O1 zeroes in place once combined, after step 1
+    first = stash.combined_grads if opt_level == "O1" else stash.zeroed_grads[1]
+    assert len(first) == len(params) and all(p.grad is grad for p, grad in zip(params, first, strict=True))
 
 
 @pytest.fixture
@@ -58,70 +100,6 @@ def test_apex_combined_gradients_are_zeroed_in_place_never_freed(monkeypatch):
     torch.testing.assert_close(weight.detach(), torch.full((4,), 0.4))  # three applied steps of grad 2
 
 
-# --- fused SGD after skipped first steps ---
-
-@pytest.fixture
-def uninitialised_is_nan(monkeypatch):
-    """torch.empty_like gives NaN instead of whatever the memory held (often zeros, by chance), so that a buffer
-    allocated and never written shows in every run. Fused SGD allocates its momentum buffers with it."""
-    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: torch.full_like(tensor, float("nan"), **options))
-
-
-def _sgd_steps(kind, losses, nesterov, resume_from=None):
-    """``recipe.build_optimizer(kind)`` SGD on CPU tensors ("cuda": fused, CPU's fused kernel), stepped through
-    NativeAmp with a real GradScaler, which hands the fused step its found_inf and grad_scale. The weights after
-    each step."""
-    args = main.parse_args(["--dummy", "--momentum", "0.9", "--lr", "0.1", "--wd", "1e-4"])
-    args.nesterov = nesterov
-    weight = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
-    optimizer = recipe.build_optimizer(kind, [{"params": [weight], "weight_decay": args.weight_decay}], args)
-    assert optimizer.param_groups[0]["fused"] == (kind == "cuda")
-    if resume_from is not None:
-        kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
-        optimizer.load_state_dict(resume_from)
-        optimizer.param_groups[0].update(kernels)  # as main.resume does: this device's kernels
-    precision = NativeAmp("cpu", "dynamic", "float16")
-    steps = []
-    for factor in losses:
-        precision.step((weight * torch.arange(12.).reshape(3, 4) * factor).sum(), optimizer)
-        steps.append(weight.detach().clone())
-    return steps, optimizer
-
-
-@pytest.mark.parametrize("skipped", [1, 3])
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_sgd_after_skipped_first_steps_steps_like_unfused_sgd(skipped, nesterov, uninitialised_is_nan):
-    """The first applied step equals unfused SGD's to the bit, and the skipped steps leave no trace: the later
-    steps equal those of fused SGD that skipped nothing (they differ from unfused SGD's by float rounding, as they
-    do without skipped steps: the kernels round differently)."""
-    applied = [1.0, -0.5, 2.0]
-    fused, _ = _sgd_steps("cuda", [1e36] * skipped + applied, nesterov)  # 1e36 * 2**16 overflows: skipped
-    unfused, _ = _sgd_steps("cpu", [1e36] * skipped + applied, nesterov)
-    fused_without_skips, _ = _sgd_steps("cuda", applied, nesterov)
-    assert torch.equal(fused[skipped - 1], torch.linspace(-1, 1, 12).reshape(3, 4))
-    assert torch.equal(fused[skipped], unfused[skipped]), (fused[skipped] - unfused[skipped]).abs().max()
-    for a, b, c in zip(fused[skipped:], fused_without_skips, unfused[skipped:]):
-        assert torch.equal(a, b), (a - b).abs().max()
-        torch.testing.assert_close(a, c)
-
-
-def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd(uninitialised_is_nan):
-    """A checkpoint written before any applied step (no momentum buffers), resumed into fused SGD; and fused
-    SGD's state dict (zero buffers, never stepped) resumed into unfused SGD."""
-    _, empty = _sgd_steps("cpu", [], True)
-    empty = empty.state_dict()
-    losses = [1e36, 1.0, -0.5]
-    _, resumed = _sgd_steps("cuda", [], True, resume_from=empty)
-    (state,) = resumed.state.values()
-    assert torch.equal(state["momentum_buffer"], torch.zeros(3, 4))
-    fused, _ = _sgd_steps("cuda", losses, True, resume_from=empty)
-    unfused, _ = _sgd_steps("cpu", losses, True, resume_from=empty)
-    assert torch.equal(fused[1], unfused[1]) and torch.equal(fused[2], _sgd_steps("cuda", losses[1:], True)[0][1])
-    _, never_stepped = _sgd_steps("cuda", [], True)
-    resumed, _ = _sgd_steps("cpu", losses, True, resume_from=never_stepped.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(resumed, unfused))
-
-
 # --- NVIDIA apex without apex.amp ---
 
 def test_apex_backend_on_cuda_without_apex_amp_points_at_native_amp(image_folder, tmp_path, monkeypatch, capsys):
@@ -130,22 +108,6 @@ def test_apex_backend_on_cuda_without_apex_amp_points_at_native_amp(image_folder
     monkeypatch.setattr(devices, "resolve_device_kind", lambda requested: "cuda")
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--amp", "--amp-backend", "apex")],
                  "NVIDIA apex removed it in 2025 (25.05 was the last release with it)", "--amp-backend native")
-
-
-@pytest.mark.parametrize("device_name, message", [
-    ("gpu", "NVIDIA apex removed apex.amp in 2025 (25.05 was the last release with it)"),
-    ("cpu", "apex runs on an NPU or a GPU"),
-])
-def test_launcher_amp_level_o2_without_apex_amp_is_a_clear_error(tmp_path, device_name, message):
-    (tmp_path / "apex").mkdir()
-    (tmp_path / "apex" / "__init__.py").write_text("")  # NVIDIA apex 25.07 and later: no apex.amp
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["bash", os.path.join(ROOT, "test", "train_performance_1p.sh"),
-                             f"--device={device_name}", "--amp_level=O2", f"--output_root={tmp_path / 'out'}"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr and "--amp_level=O1" in result.stderr, result.stderr
-    assert "running:" not in result.stdout
 
 
 # --- loss-scaler checkpoints between device kinds ---
@@ -247,3 +209,35 @@ def test_a_fixed_loss_scale_skips_overflowing_steps_and_stays_fixed(monkeypatch,
 ])
 def test_precision_options_that_do_not_fit_are_one_line(image_folder, tmp_path, capsys, flags, fragment):
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path), *flags], fragment)
+
+
+def test_the_loss_scalers_verdict_stays_on_the_device(monkeypatch):
+    """Skipped steps are counted on the device: no host sync per step (get_scale() would make two)."""
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs the host"))
+    precision = NativeAmp("cpu", "dynamic", "float16")
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    skipped = SkippedSteps()
+    for bad in (False, True, True, False, True):
+        verdict = precision.step((weight * (float("nan") if bad else 1.0)).sum(), optimizer)
+        assert torch.is_tensor(verdict) and bool(verdict) == (not bad)
+        skipped.add(verdict)
+    skipped.add(True)  # a bool verdict (fp32) counts alike
+    assert (skipped.total(), skipped.longest_run()) == (3, 2)
+    assert torch.isfinite(weight).all() and not torch.equal(weight, torch.ones(3))
+
+
+def test_depthwise_convolutions_leave_autocast_only_in_training(bf16_cpu):
+    model = torchvision.models.mnasnet0_5(num_classes=3)
+    precision = NativeAmp("cpu", "dynamic")
+    precision.prepare(model)
+    depthwise = model.layers[3]  # the stem's 3x3 depthwise convolution
+    dtypes = []
+    depthwise.register_forward_hook(lambda module, args, output: dtypes.append((args[0].dtype, output.dtype)))
+    x = torch.randn(2, 3, 48, 48)
+    for mode in (model.train, model.eval):
+        mode()
+        with precision.autocast():
+            assert model(x).dtype == precision.dtype
+    # Training: fp32 in (computed in fp32), bf16 out; evaluation: the bf16 convolution.
+    assert dtypes == [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]

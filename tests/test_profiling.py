@@ -1,16 +1,13 @@
-"""--profile (a window of training steps in a trace per rank, rank 0's top operators) and the per-epoch step
-breakdown (data_ms, copy_ms, compute_ms) in metrics.csv, TensorBoard, the summary JSON and the launchers."""
-import csv
+"""--profile: a window of training steps in a trace per rank, and rank 0's top operators."""
 import json
 import logging
-import time
 
 import pytest
 
 import main
-from helpers import launch, run_main_in_process, tiny_flags
+from helpers import run_main_in_process, tiny_flags
 from standins import npu_profiler
-from training import data, meters, profiling
+from training import profiling
 
 
 def run_error(capsys, *argv):
@@ -88,71 +85,3 @@ def test_profiler_kit_per_device():
     cuda = profiling.profiler_kit("cuda")
     assert cuda.module is torch.profiler and torch.profiler.ProfilerActivity.CUDA in cuda.activities
     assert cuda.sort_by == "self_device_time_total"
-
-
-def test_step_breakdown_adds_up_to_the_step_time(image_folder, tmp_path):
-    out = tmp_path / "run"
-    summary = run_main_in_process(*tiny_flags(out), image_folder, "--epochs", "2", "--fps-warmup-steps", "0",
-                                  "--tensorboard")
-    with open(out / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 2
-    for row in rows:
-        assert all(float(row[key]) > 0 for key in ("data_ms", "copy_ms", "compute_ms")), row
-    parts = summary["data_ms"] + summary["copy_ms"] + summary["compute_ms"]
-    # The whole-run step time the FPS is measured with (no warm-up steps left out here).
-    assert parts == pytest.approx(summary["step_time_ms"], rel=0.10)
-    assert summary["data_wait_share"] == pytest.approx(summary["data_ms"] / parts)
-    assert [set(h) >= {"data_ms", "copy_ms", "compute_ms"} for h in summary["history"]] == [True, True]
-    last = summary["history"][-1]
-    assert (f"=> epoch 1 mean step {last['data_ms'] + last['copy_ms'] + last['compute_ms']:.1f} ms: data wait "
-            f"{last['data_ms']:.1f}, host-to-device {last['copy_ms']:.1f}") in (out / "train.log").read_text()
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    for key in ("data_ms", "copy_ms", "compute_ms"):
-        assert [scalar.step for scalar in events.Scalars(key)] == [0, 1]
-
-
-def test_slow_loader_is_reported_once(tmp_path, monkeypatch):
-    original = data.SyntheticImages.__getitem__
-
-    def slow(self, index):
-        time.sleep(0.05)  # far longer than a 48 px mnasnet0_5 step of batch 2
-        return original(self, index)
-
-    monkeypatch.setattr(data.SyntheticImages, "__getitem__", slow)
-    out = tmp_path / "run"
-    summary = run_main_in_process(*tiny_flags(out), "--dummy", "--dummy-images", "8", "-b", "2", "--epochs", "2",
-                                  "--max-steps", "2", "--no-val")
-    assert summary["data_wait_share"] > meters.StepBreakdown.SLOW_LOADER_SHARE
-    log = (out / "train.log").read_text()
-    assert log.count("the data loader cannot keep up") == 1
-    line = next(line for line in log.splitlines() if "cannot keep up" in line)
-    assert "-j/--workers, now 0" in line and "--pipeline (now fast" in line
-
-
-def test_fast_loader_says_nothing():
-    breakdown = meters.StepBreakdown()
-    breakdown.add(steps=10, wall_seconds=1.0, wait_seconds=0.1, copy_seconds=0.02)
-    assert breakdown.slow_loader_message(4, "fast") is None
-    assert breakdown.means_ms() == pytest.approx({"data_ms": 8.0, "copy_ms": 2.0, "compute_ms": 90.0})
-
-
-def test_launcher_profiles_every_rank_and_reports_the_data_wait_share(tmp_path):
-    result = launch("train_performance_8p.sh", "--device=cpu", "--num_devices=2", "--batch_size=4", "--steps=4",
-                    "--workers=0", "--profile", f"--output_root={tmp_path}", "--", "--arch", "mnasnet0_5",
-                    "--train-crop-size", "48", "--dummy-images", "32", "--profile-steps", "1,0,1", timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = tmp_path / "0"
-    case = "MnasNet_for_PyTorch_bs4_2p_perf"
-    fields = dict(line.split(" = ", 1) for line in (out / f"{case}.log").read_text().splitlines())
-    summary = json.loads((out / f"{case}.json").read_text())
-    assert float(fields["DataWaitShare"]) == pytest.approx(summary["data_wait_share"], abs=5e-4)
-    assert 0 < float(fields["DataWaitShare"]) < 1
-    for rank in (0, 1):
-        assert len(list((out / "profile").glob(f"rank{rank}.*.pt.trace.json"))) == 1
-    # The table is rank 0's alone.
-    assert "operators by self time" in (out / "train_0.log").read_text()
-    assert "operators by self time" not in (out / "rank1.log").read_text()

@@ -1,6 +1,5 @@
-"""The recipe's pieces, and that main.py wires each into the run: the warm-up and its junction with the decay,
-which parameters decay, label smoothing and Nesterov reaching the criterion and optimizer main.py builds, the
-global batch split across processes, and --sync-bn."""
+"""training/recipe.py and its wiring into main.py: warm-up and decays, weight decay groups, TF-style RMSProp,
+EMA, fused SGD, the flags that reach the criterion and optimizer, SyncBatchNorm."""
 import math
 
 import pytest
@@ -11,6 +10,80 @@ import main
 import mnasnet
 from helpers import expect_error, run_main_in_process, tiny_flags
 from training import distributed, recipe
+from training.precision import NativeAmp
+
+
+def test_sgd_is_fused_on_cuda_unless_apex_wraps_it():
+    args = main.parse_args(["--dummy"])
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert recipe.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+    assert not recipe.build_optimizer("cpu", params, args).param_groups[0]["fused"]
+    args.amp, args.amp_backend = True, "apex"
+    assert not recipe.build_optimizer("cuda", params, args).param_groups[0]["fused"]
+
+
+# --- fused SGD after skipped first steps ---
+
+@pytest.fixture
+def uninitialised_is_nan(monkeypatch):
+    """torch.empty_like gives NaN instead of whatever the memory held (often zeros, by chance), so that a buffer
+    allocated and never written shows in every run. Fused SGD allocates its momentum buffers with it."""
+    monkeypatch.setattr(torch, "empty_like", lambda tensor, **options: torch.full_like(tensor, float("nan"), **options))
+
+
+def _sgd_steps(kind, losses, nesterov, resume_from=None):
+    """``recipe.build_optimizer(kind)`` SGD on CPU tensors ("cuda": fused, CPU's fused kernel), stepped through
+    NativeAmp with a real GradScaler, which hands the fused step its found_inf and grad_scale. The weights after
+    each step."""
+    args = main.parse_args(["--dummy", "--momentum", "0.9", "--lr", "0.1", "--wd", "1e-4"])
+    args.nesterov = nesterov
+    weight = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))
+    optimizer = recipe.build_optimizer(kind, [{"params": [weight], "weight_decay": args.weight_decay}], args)
+    assert optimizer.param_groups[0]["fused"] == (kind == "cuda")
+    if resume_from is not None:
+        kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+        optimizer.load_state_dict(resume_from)
+        optimizer.param_groups[0].update(kernels)  # as main.resume does: this device's kernels
+    precision = NativeAmp("cpu", "dynamic", "float16")
+    steps = []
+    for factor in losses:
+        precision.step((weight * torch.arange(12.).reshape(3, 4) * factor).sum(), optimizer)
+        steps.append(weight.detach().clone())
+    return steps, optimizer
+
+
+@pytest.mark.parametrize("skipped", [1, 3])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_after_skipped_first_steps_steps_like_unfused_sgd(skipped, nesterov, uninitialised_is_nan):
+    """The first applied step equals unfused SGD's to the bit, and the skipped steps leave no trace: the later
+    steps equal those of fused SGD that skipped nothing (they differ from unfused SGD's by float rounding, as they
+    do without skipped steps: the kernels round differently)."""
+    applied = [1.0, -0.5, 2.0]
+    fused, _ = _sgd_steps("cuda", [1e36] * skipped + applied, nesterov)  # 1e36 * 2**16 overflows: skipped
+    unfused, _ = _sgd_steps("cpu", [1e36] * skipped + applied, nesterov)
+    fused_without_skips, _ = _sgd_steps("cuda", applied, nesterov)
+    assert torch.equal(fused[skipped - 1], torch.linspace(-1, 1, 12).reshape(3, 4))
+    assert torch.equal(fused[skipped], unfused[skipped]), (fused[skipped] - unfused[skipped]).abs().max()
+    for a, b, c in zip(fused[skipped:], fused_without_skips, unfused[skipped:]):
+        assert torch.equal(a, b), (a - b).abs().max()
+        torch.testing.assert_close(a, c)
+
+
+def test_fused_sgd_resumed_without_momentum_state_steps_like_unfused_sgd(uninitialised_is_nan):
+    """A checkpoint written before any applied step (no momentum buffers), resumed into fused SGD; and fused
+    SGD's state dict (zero buffers, never stepped) resumed into unfused SGD."""
+    _, empty = _sgd_steps("cpu", [], True)
+    empty = empty.state_dict()
+    losses = [1e36, 1.0, -0.5]
+    _, resumed = _sgd_steps("cuda", [], True, resume_from=empty)
+    (state,) = resumed.state.values()
+    assert torch.equal(state["momentum_buffer"], torch.zeros(3, 4))
+    fused, _ = _sgd_steps("cuda", losses, True, resume_from=empty)
+    unfused, _ = _sgd_steps("cpu", losses, True, resume_from=empty)
+    assert torch.equal(fused[1], unfused[1]) and torch.equal(fused[2], _sgd_steps("cuda", losses[1:], True)[0][1])
+    _, never_stepped = _sgd_steps("cuda", [], True)
+    resumed, _ = _sgd_steps("cpu", losses, True, resume_from=never_stepped.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed, unfused))
 
 
 def step_lrs(steps, warmup_epochs, epochs, kind="cosine", steps_per_epoch=10):
@@ -179,3 +252,61 @@ def test_sync_bn_converts_every_batchnorm_when_distributed(image_folder, tmp_pat
 def test_sync_bn_on_the_cpu_is_refused(image_folder, tmp_path, capsys):
     expect_error(capsys, [image_folder, *tiny_flags(tmp_path, "--sync-bn")],
                  "--sync-bn needs NPUs or CUDA GPUs")
+
+
+def test_rmsprop_tf_follows_tensorflow_formula():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(5))
+    optimizer = recipe.RMSpropTF([weight], lr=0.1, decay=0.9, momentum=0.9, eps=1e-3, weight_decay=0.01)
+    w, ms, mom = weight.detach().clone(), torch.ones(5), torch.zeros(5)
+    for lr in (0.1, 0.1, 0.05):  # a changed LR scales only the new step, not the momentum already built up
+        optimizer.param_groups[0]["lr"] = lr
+        grad = torch.randn(5)
+        weight.grad = grad.clone()
+        optimizer.step()
+        g = grad + 0.01 * w
+        ms = 0.9 * ms + 0.1 * g * g
+        mom = 0.9 * mom + lr * g / torch.sqrt(ms + 1e-3)
+        w = w - mom
+        torch.testing.assert_close(weight.detach(), w)
+
+    torch_weight = torch.nn.Parameter(weight.detach().clone())
+    torch_weight.grad = torch.ones(5)
+    torch.optim.RMSprop([torch_weight], lr=0.1, alpha=0.9, momentum=0.9, eps=1e-3).step()
+    weight.grad = torch.ones(5)
+    before = weight.detach().clone()
+    optimizer.step()
+    assert not torch.allclose(torch_weight - before, weight - before)  # torch's RMSprop is another optimizer
+
+
+def factors(kind, steps, **options):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = recipe.lr_schedule(optimizer, 10, 0, 100, kind, **options)
+    values = []
+    for _ in range(max(steps) + 1):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return [values[s] for s in steps]
+
+
+def test_exponential_decay_is_the_papers_staircase():
+    # 10 steps per epoch: 0.97 every 2.4 epochs = every 24 steps
+    assert factors("exponential", [0, 23, 24, 47, 48, 240]) == pytest.approx(
+        [1, 1, 0.97, 0.97, 0.97 ** 2, 0.97 ** 10])
+    assert factors("step", [0, 299, 300, 600]) == pytest.approx([1, 1, 0.1, 0.01])
+    assert factors("step", [0, 49, 50], decay_epochs=5, decay_rate=0.5) == pytest.approx([1, 1, 0.5])
+    assert factors("cosine", [0, 500, 999]) == pytest.approx([1, 0.5, 0.5 * (1 + math.cos(math.pi * 999 / 1000))])
+
+
+def test_ema_averages_weights_and_batchnorm_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = recipe.model_ema(model, decay_per_step=0.5, every_steps=2)  # 0.25 per update
+    ema.update_parameters(model)  # the first update copies
+    before_weight, before_mean = model[0].weight.detach().clone(), model[1].running_mean.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(8, 2) + 3)  # moves the BatchNorm running mean
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module[0].weight, 0.25 * before_weight + 0.75 * model[0].weight)
+    torch.testing.assert_close(ema.module[1].running_mean, 0.25 * before_mean + 0.75 * model[1].running_mean)

@@ -1,6 +1,5 @@
-"""How a process finds its device, its peers and its share of the CPUs (distributed.py's runtime setup, main.py's
-defaults, the launchers' NPU environment): a torch_npu that cannot load, rendezvous mistakes, one visible device
-per process, CPUs per node, and which errors count as a failed collective."""
+"""training/distributed.py: launcher detection, rendezvous mistakes, one visible device per process, CPUs per
+node, a SIGTERM at the rendezvous, and which errors count as a failed collective."""
 import os
 import signal
 import socket
@@ -13,130 +12,9 @@ import torch
 import torch.distributed as dist
 
 import main
-from helpers import BROKEN_NPU_SITE, ONE_STEP
-from helpers import ROOT, clean_env, device_args, expect_error, run_main_subprocess, tiny_flags
+from helpers import ONE_STEP, ROOT, clean_env, device_args, expect_error, tiny_flags
 from training import distributed
 from training.utils import UserError
-
-
-# --- a torch_npu that cannot load (CANN's set_env.sh not sourced) ---
-
-def test_cpu_run_does_not_depend_on_an_installed_torch_npu(tmp_path):
-    result = run_main_subprocess(*ONE_STEP, "--device", "cpu", "--output-dir", str(tmp_path),
-                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
-    assert result.returncode == 0, result.stderr
-    assert "torch_npu" not in result.stderr and "libhccl" not in result.stderr
-
-
-def test_device_auto_falls_back_to_the_cpu_in_one_line(tmp_path):
-    result = run_main_subprocess(*ONE_STEP, "--device", "auto", "--output-dir", str(tmp_path),
-                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
-    assert result.returncode == 0, result.stderr
-    said = [line for line in result.stderr.splitlines() if "torch_npu" in line]
-    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "libhccl.so" in said[0] and "running on cpu" in said[0] and "set_env.sh" in said[0]
-    assert "1 x cpu" in (tmp_path / "train.log").read_text()
-
-
-def test_device_npu_without_cann_is_one_line_naming_set_env(tmp_path):
-    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--output-dir", str(tmp_path),
-                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
-    assert result.returncode == 2
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: --device npu:") and "libhccl.so" in err and "set_env.sh" in err
-
-
-def test_spawned_workers_import_torch_npu_themselves(tmp_path):
-    """With autoloading off, the launcher imports torch_npu to check the device, and each spawned worker (a fresh
-    interpreter) must import it again before it binds its NPU. The stand-in loads where ASCEND_HOME_PATH is set
-    and logs its imports and set_device calls; it has no kernels, so the run fails after that, which is expected."""
-    log = tmp_path / "npu.log"
-    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--multiprocessing-distributed",
-                                 "--output-dir", str(tmp_path),
-                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE, ASCEND_HOME_PATH=str(tmp_path),
-                                               FAKE_NPU_LOG=str(log), TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
-    lines = log.read_text().splitlines() if log.exists() else []
-    imported = {line.split()[1] for line in lines if line.startswith("import ")}
-    bound = [line.split()[1:] for line in lines if line.startswith("set_device ")]
-    assert len(imported) == 2, (lines, result.stderr)  # the launcher and its one worker
-    assert len(bound) == 1 and bound[0][0] == "0" and bound[0][1] in imported, (lines, result.stderr)
-
-
-def launcher_env(tmp_path, **extra):
-    return {**clean_env(PYTHONPATH=BROKEN_NPU_SITE, PYTHON=sys.executable, HOME=str(tmp_path)), **extra}
-
-
-def test_launchers_run_next_to_a_torch_npu_that_cannot_load(tmp_path):
-    """--device=auto: the launcher's own probe and main.py both fall back to the CPU; torchrun (which imports torch
-    before main.py) with --device=cpu."""
-    tiny = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "48", "--dummy-images", "32"]
-    for script, options, case in (
-            ("train_performance_1p.sh", ["--device=auto"], "bs8_1p_perf"),
-            ("train_performance_8p.sh", ["--device=cpu", "--num_devices=2", "--launcher=torchrun"], "bs8_2p_perf")):
-        result = subprocess.run(["bash", os.path.join(ROOT, "test", script), *options, "--batch_size=8",
-                                 "--steps=5", "--workers=0", f"--output_root={tmp_path / script}", *tiny],
-                                cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
-        assert "Traceback" not in result.stderr, result.stderr
-        report = (tmp_path / script / "0" / f"MnasNet_for_PyTorch_{case}.log").read_text()
-        assert "Device = cpu" in report, report
-
-
-# --- test/env_npu.sh: where CANN is ---
-
-def source_env_npu(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "MNASNET_", "TORCH_DEVICE_BACKEND"))}
-    env.update(HOME=str(tmp_path), **extra)
-    return subprocess.run(["bash", "-c", "source test/env_npu.sh; echo \"sourced=${CANN_SOURCED:-no} "
-                           "autoload=${TORCH_DEVICE_BACKEND_AUTOLOAD:-unset}\""],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-
-
-def fake_cann(root):
-    """CANN 8.5+'s layout: <install path>/cann/set_env.sh, which exports ASCEND_HOME_PATH."""
-    cann = root / "Ascend" / "cann"
-    cann.mkdir(parents=True)
-    (cann / "set_env.sh").write_text(f"export ASCEND_HOME_PATH={cann}\nexport CANN_SOURCED=yes\n")
-    return cann
-
-
-def test_env_npu_finds_the_cann_8_5_layout(tmp_path):
-    fake_cann(tmp_path)  # ~/Ascend/cann: a non-root user's default install path
-    result = source_env_npu(tmp_path)
-    assert result.returncode == 0 and "CANN not found" not in result.stderr, result.stderr
-    assert result.stdout.split() == ["sourced=yes", "autoload=unset"]
-
-
-def test_env_npu_with_ascend_home_path_set_sources_nothing_again(tmp_path):
-    cann = tmp_path / "elsewhere" / "cann"
-    cann.mkdir(parents=True)  # set_env.sh already sourced: ASCEND_HOME_PATH names the install, no set_env.sh found
-    result = source_env_npu(tmp_path, ASCEND_HOME_PATH=str(cann))
-    assert result.returncode == 0 and "CANN not found" not in result.stderr, result.stderr
-    assert result.stdout.split() == ["sourced=no", "autoload=unset"]
-
-
-def test_env_npu_without_cann_turns_torch_npu_autoloading_off(tmp_path):
-    result = source_env_npu(tmp_path)
-    assert "CANN not found" in result.stderr
-    assert result.stdout.split() == ["sourced=no", "autoload=0"]
-
-
-def test_env_npu_sourced_under_set_e_survives_msnpureport_failing(tmp_path):
-    """msnpureport fails for a device id the host lacks (fewer than 8 NPUs); tools/device_check.sh sources
-    env_npu.sh under `set -e`, which that failure must not end."""
-    cann = fake_cann(tmp_path)
-    bin_dir = cann / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "msnpureport").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "msnpureport").chmod(0o755)
-    with open(cann / "set_env.sh", "a") as handle:
-        handle.write(f"export PATH={bin_dir}:$PATH\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "TORCH_DEVICE_BACKEND"))}
-    result = subprocess.run(["bash", "tools/device_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            env={**env, "HOME": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
-    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
-
 
 # --- the rendezvous ---
 
@@ -317,10 +195,16 @@ def test_other_errors_keep_their_own_message(two_ranks, exc):
     assert distributed.collective_failure(exc, 1800) is None
 
 
-@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py",
-                                    "tools/device_check.py"])
-def test_other_entry_points_start_next_to_a_torch_npu_that_cannot_load(script):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, text=True,
-                            capture_output=True, timeout=120, env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
-    assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
+@pytest.mark.parametrize("variables, expected", [
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8"}, (3, 8, 1)),
+    # An sbatch script's own shell: SLURM_PROCID and SLURM_NTASKS are set, but it is one process, not a step.
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}, None),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "1"}, None),
+    # torchrun started by srun (one task per node): torchrun's ranks win.
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2",
+      "RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}, (9, 16, 1)),
+])
+def test_launcher_ranks(no_launcher, variables, expected):
+    for name, value in variables.items():
+        no_launcher.setenv(name, value)
+    assert distributed.launcher_ranks() == expected

@@ -1,22 +1,88 @@
-"""Kernel settings (--npu-jit-compile, --npu-internal-format, --tf32), set in distributed.setup_runtime and logged; and
-tools/onnx_to_om.py, which turns export_onnx.py's file into ATC commands for Ascend offline inference."""
+"""training/devices.py: the device kind (and a torch_npu that cannot load), kernel settings (--npu-jit-compile,
+--npu-internal-format, --tf32, --deterministic) through each library's own names, and their log line."""
+import argparse
 import os
-import shlex
-import shutil
 import subprocess
 import sys
+import types
 
-import onnx
 import pytest
 import torch
 
-import export_onnx
-import mnasnet
-from helpers import ROOT, device_args, run_main_in_process, tiny_flags
+from helpers import (BROKEN_NPU_SITE, ONE_STEP, ROOT, clean_env, device_args, run_main_in_process, run_main_subprocess,
+                     tiny_flags)
 from standins.npu_settings import npu_module
 from training import devices, distributed
 
-import onnx_to_om
+
+def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch, kernel_flags):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    torch.backends.cudnn.benchmark = False
+    fake_cuda = types.SimpleNamespace(set_device=lambda dev: None, device_count=lambda: 1)
+    monkeypatch.setattr(devices, "device_module", lambda kind: fake_cuda)
+    args = argparse.Namespace(device_kind="cpu", device_ids=[0], multiprocessing_distributed=False,
+                              memory_format="auto", npu_jit_compile="auto", npu_internal_format="auto", tf32="auto",
+                              deterministic=False)
+    distributed.setup_runtime(args, 0)
+    assert torch.backends.cudnn.benchmark is False
+    args.device_kind = "cuda"
+    assert distributed.setup_runtime(args, 0).device == torch.device("cuda", 0)
+    assert torch.backends.cudnn.benchmark is True
+
+
+# --- a torch_npu that cannot load (CANN's set_env.sh not sourced) ---
+
+def test_cpu_run_does_not_depend_on_an_installed_torch_npu(tmp_path):
+    result = run_main_subprocess(*ONE_STEP, "--device", "cpu", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    assert result.returncode == 0, result.stderr
+    assert "torch_npu" not in result.stderr and "libhccl" not in result.stderr
+
+
+def test_device_auto_falls_back_to_the_cpu_in_one_line(tmp_path):
+    result = run_main_subprocess(*ONE_STEP, "--device", "auto", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "torch_npu" in line]
+    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "libhccl.so" in said[0] and "running on cpu" in said[0] and "set_env.sh" in said[0]
+    assert "1 x cpu" in (tmp_path / "train.log").read_text()
+
+
+def test_device_npu_without_cann_is_one_line_naming_set_env(tmp_path):
+    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: --device npu:") and "libhccl.so" in err and "set_env.sh" in err
+
+
+def test_spawned_workers_import_torch_npu_themselves(tmp_path):
+    """With autoloading off, the launcher imports torch_npu to check the device, and each spawned worker (a fresh
+    interpreter) must import it again before it binds its NPU. The stand-in loads where ASCEND_HOME_PATH is set
+    and logs its imports and set_device calls; it has no kernels, so the run fails after that, which is expected."""
+    log = tmp_path / "npu.log"
+    result = run_main_subprocess(*ONE_STEP, "--device", "npu", "--multiprocessing-distributed",
+                                 "--output-dir", str(tmp_path),
+                                 env=clean_env(PYTHONPATH=BROKEN_NPU_SITE, ASCEND_HOME_PATH=str(tmp_path),
+                                               FAKE_NPU_LOG=str(log), TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
+    lines = log.read_text().splitlines() if log.exists() else []
+    imported = {line.split()[1] for line in lines if line.startswith("import ")}
+    bound = [line.split()[1:] for line in lines if line.startswith("set_device ")]
+    assert len(imported) == 2, (lines, result.stderr)  # the launcher and its one worker
+    assert len(bound) == 1 and bound[0][0] == "0" and bound[0][1] in imported, (lines, result.stderr)
+
+
+@pytest.mark.parametrize("script", ["classify.py", "export_onnx.py", "bench.py", "tools/onnx_to_om.py",
+                                    "tools/device_check.py"])
+def test_other_entry_points_start_next_to_a_torch_npu_that_cannot_load(script):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, text=True,
+                            capture_output=True, timeout=120, env=clean_env(PYTHONPATH=BROKEN_NPU_SITE))
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
 
 CHIP_DEFAULT = "torch_npu's default for this chip"
 
@@ -127,109 +193,3 @@ def test_cpu_run_logs_its_kernel_settings(image_folder, tmp_path):
     assert lines[0].endswith("=> kernel settings: none apply on the CPU (--npu-jit-compile off, --tf32 on: not for "
                              "cpu runs, ignored)")
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
-
-
-# --- tools/onnx_to_om.py: ATC commands for Ascend offline inference ---
-
-SOC = "Ascend910B3"
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """export_onnx.py's file for a 3-class mnasnet0_5 at 64 px (random weights)."""
-    torch.manual_seed(0)
-    model = mnasnet.ARCHS["mnasnet0_5"](num_classes=3).eval()
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx.export(model, str(path), image_size=64)
-    return path
-
-
-def one_node_model(path, name, dims):
-    """An ONNX file whose one input ``name`` has shape ``dims`` (an int, or a string for a dynamic axis)."""
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", [name], ["output"])], "g",
-                                   [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims)],
-                                   [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, dims)])
-    onnx.save(onnx.helper.make_model(graph), str(path))
-    return str(path)
-
-
-def expected_command(onnx_path, prefix, batch):
-    return ["atc", f"--model={onnx_path}", "--framework=5", f"--output={prefix}_bs{batch}", "--input_format=NCHW",
-            f"--input_shape=input:{batch},3,64,64", f"--soc_version={SOC}", "--log=error"]
-
-
-def test_prints_the_atc_command_for_each_batch_size_without_cann(exported, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no atc
-    onnx_to_om.main([str(exported), "--soc-version", SOC, "--batch-sizes", "1,16,64"])
-    out, err = capsys.readouterr()
-    prefix = os.path.join(os.path.dirname(exported), "tiny")
-    assert [shlex.split(line) for line in out.splitlines()] == [expected_command(exported, prefix, batch)
-                                                                 for batch in (1, 16, 64)]
-    assert "atc is not on PATH" in err
-
-
-@pytest.mark.parametrize("name, dims, argv, fragment", [
-    ("images", ["batch", 3, 64, 64], [], "the model's inputs are ['images'], expected one named 'input'"),
-    ("input", ["batch", 64, 64, 3], [], "input 'input' has shape (?,64,64,3), expected (batch,3,H,W)"),
-    ("input", ["batch", 3, "height", "width"], [], "has shape (?,3,?,?), expected (batch,3,H,W) with H and W fixed"),
-    ("input", [4, 3, 64, 64], ["--batch-sizes", "4,16"], "fixed at 4 in the file, so it cannot be converted for "
-                                                         "batch size(s) [16]"),
-    ("input", ["batch", 3, 64, 64], ["--batch-sizes", "0,16"], "--batch-sizes must list distinct positive integers"),
-    ("input", ["batch", 3, 64, 64], ["--soc-version", "910B3"], "--soc-version '910B3' is not a chip name"),
-])
-def test_a_file_or_flag_that_does_not_fit_is_one_line(tmp_path, capsys, name, dims, argv, fragment):
-    path = one_node_model(tmp_path / "model.onnx", name, dims)
-    with pytest.raises(SystemExit) as exit_info:
-        onnx_to_om.main([path, "--soc-version", SOC, *argv])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-
-
-def test_a_fixed_batch_file_converts_at_its_own_batch(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    path = one_node_model(tmp_path / "model.onnx", "input", [4, 3, 64, 64])
-    onnx_to_om.main([path, "--soc-version", SOC, "--batch-sizes", "4", "--output-dir", "om"])
-    assert shlex.split(capsys.readouterr().out) == expected_command(path, os.path.join("om", "model"), 4)
-
-
-def fake_atc(folder, exit_status=0):
-    """An ``atc`` that records each call's arguments (one per line, then ---) in folder/atc.log."""
-    script = folder / "atc"
-    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --- >> "{folder}/atc.log"\nexit {exit_status}\n')
-    script.chmod(0o755)
-    return folder / "atc.log"
-
-
-def atc_calls(log):
-    """The argument lists fake_atc recorded, one per call."""
-    return [call.splitlines() for call in log.read_text().split("---\n")[:-1]]
-
-
-def test_runs_atc_where_it_is_installed(exported, tmp_path):
-    """Through tools/onnx_to_om.sh, from another directory with a relative path: CANN's environment is looked
-    for (test/env_npu.sh), and the atc on PATH runs once per batch size with the printed arguments."""
-    (tmp_path / "bin").mkdir()
-    log = fake_atc(tmp_path / "bin")
-    shutil.copy(exported, tmp_path / "tiny.onnx")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND")}
-    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
-    env["PYTHON"] = sys.executable
-    result = subprocess.run([os.path.join(ROOT, "tools", "onnx_to_om.sh"), "tiny.onnx", "--soc-version", SOC,
-                             "--batch-sizes", "2,8", "--output-dir", "om"], cwd=tmp_path, env=env, text=True,
-                            capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    expected = [expected_command("tiny.onnx", os.path.join("om", "tiny"), batch)[1:] for batch in (2, 8)]
-    assert atc_calls(log) == expected
-    assert [shlex.split(line)[1:] for line in result.stdout.splitlines()] == expected
-    assert (tmp_path / "om").is_dir()
-
-
-def test_a_failing_atc_is_one_line(exported, tmp_path, capsys, monkeypatch):
-    fake_atc(tmp_path, exit_status=3)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(SystemExit) as exit_info:
-        onnx_to_om.main([str(exported), "--soc-version", SOC, "--batch-sizes", "1,16"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: atc failed (exit status 3) for batch size 1: see its messages "
-                                               "above")
-    assert len(atc_calls(tmp_path / "atc.log")) == 1

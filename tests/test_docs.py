@@ -1,4 +1,4 @@
-"""The README and docs/ link only to files and headings that exist.
+"""The README and docs/: links to files and headings that exist, and the NPU install line's pinned versions.
 
 Anchors follow GitHub's heading slugs: the heading's text lowercased, every character that is not a letter, digit,
 space, '-' or '_' dropped, spaces turned into '-'; the n-th repeat of a slug gets '-n'.
@@ -11,9 +11,16 @@ from helpers import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+
 FENCE = re.compile(r"^\s*(```|~~~)")
+
+
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+
+
 INLINE_CODE = re.compile(r"`[^`]*`")
+
+
 LINK = re.compile(r"!?\[([^\]]*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
@@ -101,3 +108,22 @@ def test_readme_is_short_and_docs_pages_exist():
     for name in ("speed", "reliability", "launchers", "recipes"):
         assert (ROOT / "docs" / f"{name}.md").exists(), name
     assert not re.search(r"this session|earlier run today|measured again", readme)
+
+
+# --- installing on an NPU host ---
+
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("page", ["requirements-npu.txt", "docs/devices.md"])
+def test_the_npu_install_takes_torchs_cpu_build_at_the_pinned_versions(page):
+    """PyPI's torch Linux wheels are CUDA builds with gigabytes of NVIDIA packages; torch_npu's README installs the
+    CPU build from PyTorch's index first. The command must name requirements-npu.txt's own pins."""
+    with open(f"{ROOT}/requirements-npu.txt") as handle:
+        pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", handle.read(), re.M))
+    with open(f"{ROOT}/{page}") as handle:
+        commands = [line for line in handle.read().splitlines() if CPU_INDEX in line]
+    assert commands, f"{page} does not say how to install torch's CPU build"
+    for command in commands:
+        assert f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']} {CPU_INDEX}" in command
+        assert command.endswith("&& pip install -r requirements-npu.txt")

@@ -1,0 +1,155 @@
+"""main.py as several processes on one machine (2 gloo processes): --multiprocessing-distributed, two torchrun
+nodes, srun's tasks, and what happens when a rank is stopped, dies or hangs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import (LAUNCHER_VARIABLES, ROOT, clean_env, expect_error, logged_digest, popen_main, run_main_in_process,
+                     run_main_subprocess, tiny_flags, wait_for_text)
+from training import checkpoint, distributed
+from training.utils import state_digest
+
+
+def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    summary_path = tmp_path / "ddp.json"
+    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0",
+                                                         "--multiprocessing-distributed", "--device-list", "0,1",
+                                                         "--summary-json", str(summary_path)))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["world_size"] == 2
+    assert summary["val_images"] == 15  # 15 images over 2 ranks: no padding, no drop
+    log = (out / "train.log").read_text()
+    assert "Epoch: [1]" in log
+    assert (out / "rank1.log").exists()
+    # A single process scoring the saved weights gets what the two ranks did together: the same accuracy and, to
+    # float rounding (1e-7 measured), the same loss; with each rank's own BatchNorm statistics, rank 1's half
+    # would score other weights.
+    single = run_main_in_process(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
+                                                           str(out / "checkpoint.pth.tar")))
+    assert single["val_acc1"] == pytest.approx(summary["val_acc1"])
+    assert single["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert single["val_images"] == 15
+    # Both ranks ended with the weights that were saved.
+    saved = torch.load(out / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    digest = state_digest(saved["state_dict"])
+    assert summary["weights_sha256"] == digest
+    assert f"=> rank 1 weights sha256 {digest}" in (out / "rank1.log").read_text()
+
+
+def run_together(commands, envs):
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, env in zip(commands, envs)]
+    try:
+        results = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, f"{out}\n{err}"
+
+
+def check_same_weights(tmp_path):
+    """Node 0 ran rank 0 (train.log, checkpoint, summary), node 1 ran rank 1 (rank1.log, nothing else)."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["val_images"] == 15  # one validation split across the two nodes
+    saved = torch.load(node0 / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    digest = state_digest(saved["state_dict"])
+    assert summary["weights_sha256"] == digest == logged_digest(node0 / "train.log", 0)
+    assert logged_digest(node1 / "rank1.log", 1) == digest
+    assert not (node1 / checkpoint.CHECKPOINT_NAME).exists()
+
+
+def node_flags(tmp_path, node):
+    return tiny_flags(tmp_path / f"node{node}", "--epochs", "2", "--max-steps", "2", "--seed", "0",
+                      "--summary-json", str(tmp_path / "summary.json"))
+
+
+def test_two_torchrun_nodes_end_with_the_same_weights(image_folder, tmp_path):
+    port = str(distributed.free_port())
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                 os.path.join(ROOT, "main.py"), image_folder, *node_flags(tmp_path, node)] for node in range(2)]
+    run_together(commands, [clean_env()] * 2)
+    check_same_weights(tmp_path)
+
+
+def test_srun_tasks_form_one_job(image_folder, tmp_path):
+    """What srun -N 2 --ntasks-per-node 1 sets for each task; MASTER_ADDR/PORT come from the job script."""
+    port = str(distributed.free_port())
+    commands = [[sys.executable, os.path.join(ROOT, "main.py"), image_folder, *node_flags(tmp_path, node)]
+                for node in range(2)]
+    envs = [clean_env(SLURM_PROCID=str(node), SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for node in range(2)]
+    run_together(commands, envs)
+    check_same_weights(tmp_path)
+
+
+def test_srun_without_master_address_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    for name, value in clean_env(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0",
+                                 SLURM_STEP_NUM_TASKS="2").items():
+        monkeypatch.setenv(name, value)
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    expect_error(capsys, [image_folder, *tiny_flags(tmp_path)], "MASTER_ADDR and MASTER_PORT not set", "--dist-url")
+
+
+def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # One loader worker per rank: the workers ignore the signal, and must still end with their rank.
+    proc = popen_main(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--print-freq", "1", "-j", "1",
+                                            "--multiprocessing-distributed", "--device-list", "0,1"), env=env)
+    wait_for_text(tmp_path / "train.log", "Epoch: [0][2/4]", proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler might
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "=> stopped by SIGTERM" in (tmp_path / "train.log").read_text()
+    state = checkpoint.load_file(str(tmp_path / "checkpoint.pth.tar"))
+    assert len(state["rng"]) == 2
+
+
+# --- distributed ---
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_dead_or_hung_rank_makes_the_other_exit_with_a_clear_error(image_folder, tmp_path, fault):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [popen_main(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--dist-timeout", "5"),
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(2)]
+    try:
+        wait_for_text(tmp_path / "rank1.log", "Epoch: [1]", procs[1])
+        os.kill(procs[1].pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+        # A dead peer breaks the connection at once, a hung one times out after --dist-timeout 5 s; the limit only
+        # tells a hang (50 epochs are minutes).
+        out, err = procs[0].communicate(timeout=180)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == 1
+    assert "error: rank 0 of 2: a collective operation failed" in err and "Traceback" not in err
+    assert "--dist-timeout 5 s" in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- rank digests without validation ---
+
+def test_ranks_end_with_equal_digests_without_validation(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "1", "--seed", "0", "--no-val",
+                                                         "--multiprocessing-distributed", "--device-list", "0,1"))
+    assert proc.returncode == 0, proc.stderr
+    saved = torch.load(out / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    digest = state_digest(saved["state_dict"])
+    assert logged_digest(out / "train.log", 0) == digest
+    assert logged_digest(out / "rank1.log", 1) == digest

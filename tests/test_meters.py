@@ -1,0 +1,58 @@
+"""training/meters.py: the step breakdown and the slow-loader warning."""
+import csv
+import time
+
+import pytest
+
+from helpers import run_main_in_process, tiny_flags
+from training import data, meters
+
+
+def test_step_breakdown_adds_up_to_the_step_time(image_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = run_main_in_process(*tiny_flags(out), image_folder, "--epochs", "2", "--fps-warmup-steps", "0",
+                                  "--tensorboard")
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for row in rows:
+        assert all(float(row[key]) > 0 for key in ("data_ms", "copy_ms", "compute_ms")), row
+    parts = summary["data_ms"] + summary["copy_ms"] + summary["compute_ms"]
+    # The whole-run step time the FPS is measured with (no warm-up steps left out here).
+    assert parts == pytest.approx(summary["step_time_ms"], rel=0.10)
+    assert summary["data_wait_share"] == pytest.approx(summary["data_ms"] / parts)
+    assert [set(h) >= {"data_ms", "copy_ms", "compute_ms"} for h in summary["history"]] == [True, True]
+    last = summary["history"][-1]
+    assert (f"=> epoch 1 mean step {last['data_ms'] + last['copy_ms'] + last['compute_ms']:.1f} ms: data wait "
+            f"{last['data_ms']:.1f}, host-to-device {last['copy_ms']:.1f}") in (out / "train.log").read_text()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("data_ms", "copy_ms", "compute_ms"):
+        assert [scalar.step for scalar in events.Scalars(key)] == [0, 1]
+
+
+def test_slow_loader_is_reported_once(tmp_path, monkeypatch):
+    original = data.SyntheticImages.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.05)  # far longer than a 48 px mnasnet0_5 step of batch 2
+        return original(self, index)
+
+    monkeypatch.setattr(data.SyntheticImages, "__getitem__", slow)
+    out = tmp_path / "run"
+    summary = run_main_in_process(*tiny_flags(out), "--dummy", "--dummy-images", "8", "-b", "2", "--epochs", "2",
+                                  "--max-steps", "2", "--no-val")
+    assert summary["data_wait_share"] > meters.StepBreakdown.SLOW_LOADER_SHARE
+    log = (out / "train.log").read_text()
+    assert log.count("the data loader cannot keep up") == 1
+    line = next(line for line in log.splitlines() if "cannot keep up" in line)
+    assert "-j/--workers, now 0" in line and "--pipeline (now fast" in line
+
+
+def test_fast_loader_says_nothing():
+    breakdown = meters.StepBreakdown()
+    breakdown.add(steps=10, wall_seconds=1.0, wait_seconds=0.1, copy_seconds=0.02)
+    assert breakdown.slow_loader_message(4, "fast") is None
+    assert breakdown.means_ms() == pytest.approx({"data_ms": 8.0, "copy_ms": 2.0, "compute_ms": 90.0})
