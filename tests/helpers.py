@@ -114,15 +114,16 @@ TINY = ["--", "--arch", "mnasnet0_5", "--train-crop-size", "64", "--val-resize-s
 LAUNCH_ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
-def launch(script, *args, timeout=180):
-    return subprocess.run(["bash", str(ROOT / "test" / script), *args], cwd=ROOT, env=LAUNCH_ENV,
+def launch(script, *args, timeout=180, env=None):
+    """A test/*.sh launcher run to its end, in ``env`` (default LAUNCH_ENV)."""
+    return subprocess.run(["bash", str(ROOT / "test" / script), *args], cwd=ROOT, env=env or LAUNCH_ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def launch_ok(script, *args):
+def launch_ok(script, *args, env=None):
     """The finished launch, with ``wall_seconds``: how long the test waited for it."""
     start = time.perf_counter()
-    result = launch(script, *args)
+    result = launch(script, *args, env=env)
     result.wall_seconds = time.perf_counter() - start
     assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result

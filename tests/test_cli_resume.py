@@ -81,7 +81,10 @@ def _signal_self_at(monkeypatch, obj, name, when):
 @pytest.mark.parametrize("where", ["mid-epoch", "end of training", "epoch boundary"])
 def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight, tmp_path, monkeypatch, where):
     """SIGTERM at step 6 of 8, after the last step of epoch 0 (before validation), or after epoch 0's validation;
-    resumed with a loader worker (the uninterrupted run had none): the same weights, to the bit."""
+    resumed with a loader worker (the uninterrupted run had none): the same weights, to the bit.
+
+    Stopped after the last step of epoch 0, the checkpoint holds the epoch's training figures: the resumed run
+    trains no step of epoch 0 again, validates it, records one full row for it, then trains epoch 1."""
     if where == "epoch boundary":
         _signal_self_at(monkeypatch, engine, "evaluate", lambda n, args: n == 1)
         expected = (1, 0)
@@ -102,6 +105,14 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
     assert resumed["history"][-1]["epoch"] == 1
     final = weights(path)
     assert all(torch.equal(straight[k], final[k]) for k in straight)
+    if where == "end of training":
+        assert state["trained_epoch"]["count"] == 4 * 8 and resumed["train_steps"] == 4
+        assert [row["epoch"] for row in resumed["history"]] == [0, 1]
+        assert resumed["history"][0]["train_loss"] == pytest.approx(state["trained_epoch"]["loss"])
+        assert all(row["train_loss"] is not None and row["val_acc1"] is not None for row in resumed["history"])
+        with open(tmp_path / "metrics.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [row["epoch"] for row in rows] == ["0", "1"] and all(row["train_loss"] and row["val_acc1"] for row in rows)
 
 
 def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
@@ -265,33 +276,3 @@ def test_two_gloo_processes_resume_a_version1_stem(trained_from_v1, image_folder
                                                          "--resume", str(first / checkpoint.CHECKPOINT_NAME)))
     assert proc.returncode == 0, proc.stderr
     assert not torch.equal(saved_weights(tmp_path)[V1_STEM_WEIGHT], saved_weights(first)[V1_STEM_WEIGHT])
-
-
-def test_a_stop_after_an_epochs_last_step_resumes_with_that_epochs_validation(image_folder, tmp_path, monkeypatch):
-    """SIGTERM after the 4th (last) step of epoch 0: saved at (0, 4) with the epoch's training figures; the resumed
-    run trains no step of epoch 0 again, validates it, records one full row for it (training figures included), then
-    trains epoch 1: one row per epoch, none empty, and epoch 0 takes part in the best checkpoint."""
-    original, calls = Precision.step, []
-
-    def step_then_sigterm(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-    monkeypatch.setattr(Precision, "step", step_then_sigterm)
-    flags = ("--epochs", "2", "--seed", "1", "--warmup", "1")
-    with pytest.raises(SystemExit):
-        run_main_in_process(image_folder, *tiny_flags(tmp_path, *flags))
-    monkeypatch.undo()
-    saved = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, 4) and saved["trained_epoch"]["count"] == 4 * 8
-    resumed = run_main_in_process(image_folder, *tiny_flags(tmp_path, *flags, "--resume",
-                                                            str(tmp_path / "checkpoint.pth.tar")))
-    assert [row["epoch"] for row in resumed["history"]] == [0, 1]
-    assert resumed["history"][0]["train_loss"] == pytest.approx(saved["trained_epoch"]["loss"])
-    assert all(row["train_loss"] is not None and row["val_acc1"] is not None for row in resumed["history"])
-    assert resumed["train_steps"] == 4
-    with open(tmp_path / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["epoch"] for row in rows] == ["0", "1"] and all(row["train_loss"] and row["val_acc1"] for row in rows)
