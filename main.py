@@ -415,6 +415,8 @@ def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, 
 
 
 def breakdown_line(epoch, breakdown):
+    if not breakdown.steps:
+        return f"=> epoch {epoch}: no step time split (all its steps were --fps-warmup-steps)"
     means = breakdown.means_ms()
     return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
             f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "

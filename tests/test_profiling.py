@@ -156,3 +156,25 @@ def test_launcher_profiles_every_rank_and_reports_the_data_wait_share(tmp_path):
     # The table is rank 0's alone.
     assert "operators by self time" in (out / "train_0.log").read_text()
     assert "operators by self time" not in (out / "rank1.log").read_text()
+
+
+def test_data_wait_share_leaves_the_warm_up_steps_out(tmp_path, monkeypatch):
+    # The loader is slow for each epoch's first two batches only (loader start-up), the --fps-warmup-steps.
+    original = data.SyntheticImages.__getitem__
+    served = []
+
+    def slow_start(self, index):
+        served.append(index)
+        if len(served) % 12 in (1, 2, 3, 4):  # an epoch is 12 images in 6 batches: its first two batches
+            time.sleep(0.25)
+        return original(self, index)
+
+    monkeypatch.setattr(data.SyntheticImages, "__getitem__", slow_start)
+    out = tmp_path / "run"
+    summary = run_main_in_process(*tiny_flags(out), "--dummy", "--dummy-images", "12", "-b", "2", "--epochs", "2",
+                                  "--fps-warmup-steps", "2", "--no-val")
+    assert summary["measured_steps"] == 8
+    # One second of each epoch's wait is in its warm-up; the measured steps wait for nothing.
+    assert summary["data_wait_share"] < meters.StepBreakdown.SLOW_LOADER_SHARE
+    assert summary["data_ms"] < 100
+    assert "cannot keep up" not in (out / "train.log").read_text()
