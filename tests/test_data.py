@@ -180,3 +180,56 @@ def test_build_loader_with_sampler(folder):
     loader = data.build_loader(val_set, 2, 0, sampler=data.EvalShardSampler(val_set, 2, 1))
     assert not loader.persistent_workers
     assert [y.tolist() for _, y in loader] == [[val_set.samples[1][1]]]
+
+
+class FakeFileList(torch.utils.data.Dataset):
+    """``count`` ImageNet-like paths packed as a folder's file list is; an item is the pid of the process
+    that loads it."""
+
+    def __init__(self, count):
+        self.samples = data.PackedSamples([(f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG",
+                                            i % 1000) for i in range(count)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        self.samples[index]
+        return os.getpid()
+
+
+def private_mib(pid):
+    """A process's private memory (the pages no other process shares), from /proc/PID/smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        return sum(int(line.split()[1]) for line in handle if line.startswith("Private_")) / 1024
+
+
+def worker_report(local_rank, result_path, count):
+    """In a spawned rank, as distributed.launch starts them: the start method of build_loader's workers, and the
+    private memory of one of its workers and of a spawned DataLoader worker, over the same file list."""
+    import json
+    import multiprocessing
+    dataset = FakeFileList(count)
+    report = {"default": multiprocessing.get_start_method()}
+    for name, loader in (("build_loader", data.build_loader(dataset, 1, 1, persistent=False)),
+                         ("spawned", torch.utils.data.DataLoader(dataset, num_workers=1,
+                                                                 multiprocessing_context="spawn"))):
+        context = loader.multiprocessing_context
+        report[f"{name}_method"] = context.get_start_method() if context else report["default"]
+        batches = iter(loader)
+        report[f"{name}_mib"] = private_mib(int(next(batches)))
+        del batches
+    with open(result_path, "w") as handle:
+        json.dump(report, handle)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux's /proc memory accounting")
+def test_loader_workers_fork_in_a_spawned_rank(tmp_path):
+    import json
+    result = tmp_path / "report.json"
+    torch.multiprocessing.start_processes(worker_report, args=(str(result), 200_000), nprocs=1, start_method="spawn")
+    report = json.loads(result.read_text())
+    assert report["default"] == "spawn"
+    assert report["build_loader_method"] == "fork"
+    # A forked worker shares the rank's torch and file list; a spawned one imports and unpickles its own.
+    assert report["build_loader_mib"] < report["spawned_mib"] / 3

@@ -4,8 +4,10 @@ import collections.abc
 import contextlib
 import itertools
 import math
+import multiprocessing
 import os
 import signal
+import sys
 import weakref
 
 import numpy as np
@@ -372,10 +374,28 @@ def _ignore_stop_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
+def worker_start_context():
+    """How loader workers start: forked on Linux, whatever the process's default start method (spawn in the ranks
+    of --multiprocessing-distributed, forkserver from Python 3.14 on), else the platform's default (None).
+
+    A forked worker shares the process's imported modules and its packed file list (PackedSamples) page by page;
+    a spawned one imports torch again and unpickles its own copy of the list (measured at ImageNet's 1.28M files
+    in docs/speed.md). Forking a process that has set up CUDA, an NPU or a process group is safe here because the
+    workers touch no device: every pipeline's worker code (data.py's _ClassFolder and SyntheticImages, the
+    transforms, pipeline.bytes_loader) makes CPU tensors, and everything on a device (pinning, copies, the gpu
+    pipeline's decode: prefetch.py) runs in the main process. A worker that called CUDA would fail at once
+    ("Cannot re-initialize CUDA in forked subprocess"). torchrun and srun ranks, whose
+    default start method is fork, have always forked their workers this way."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return None
+
+
 def build_loader(dataset, batch_size, workers, sampler=None, drop_last=False, pin_memory=False, seed=None,
                  collate_fn=None, persistent=True):
     """A DataLoader; with ``persistent`` its workers live from the first pass to the end of the run (training's
-    every epoch), otherwise they end with each pass (validation: not alive beside training's all run long)."""
+    every epoch), otherwise they end with each pass (validation: not alive beside training's all run long). The
+    workers start as worker_start_context says."""
     # The order is the sampler's; with a seeded generator the worker seeds are reproducible too: the DataLoader
     # derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -390,4 +410,5 @@ def build_loader(dataset, batch_size, workers, sampler=None, drop_last=False, pi
         generator=generator,
         worker_init_fn=_ignore_stop_signals,
         collate_fn=collate_fn,
+        multiprocessing_context=worker_start_context() if workers > 0 else None,
     )
