@@ -63,7 +63,7 @@ def train(local_rank, args, stop):
     """One process's run: set up, build, resume, then train and validate epoch by epoch, and report."""
     run_start = time.perf_counter()
     runtime, log = set_up_process(args, local_rank)
-    train_set, val_set = build_datasets(args)
+    train_set, val_set = build_datasets(args, data.FileLists(args.output_dir, runtime, log))
     log_run_shape(train_set, val_set, runtime, args, log)
     run = build_run(args, runtime, log, stop, val_set.classes)
     run.prepare_output_dir()
@@ -106,8 +106,9 @@ def cpus_per_process(runtime):
     return max(1, usable_cpus() // runtime.local_world_size)
 
 
-def build_datasets(args):
-    """(train set, val set); with -e the train set is None (evaluation reads val/ alone)."""
+def build_datasets(args, file_lists=data.list_images):
+    """(train set, val set); with -e the train set is None (evaluation reads val/ alone). ``file_lists`` lists a
+    folder's images (data.FileLists: once per job, cached for the next run)."""
     if args.data_dir is None:
         val_images = max(args.dummy_images // 25, 1)
         val_set = data.SyntheticImages(val_images, DUMMY_CLASSES, args.val_crop_size, seed=1)
@@ -116,8 +117,9 @@ def build_datasets(args):
         return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
     (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
     if args.evaluate:
-        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read)
-    return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read))
+        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read, file_lists)
+    return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read),
+                              file_lists=file_lists)
 
 
 def evaluated_classes(args):
@@ -415,6 +417,8 @@ def validate(model_without_ddp, ema, criterion, precision, val_loader, runtime, 
 
 
 def breakdown_line(epoch, breakdown):
+    if not breakdown.steps:
+        return f"=> epoch {epoch}: no step time split (all its steps were --fps-warmup-steps)"
     means = breakdown.means_ms()
     return (f"=> epoch {epoch} mean step {sum(means.values()):.1f} ms: data wait {means['data_ms']:.1f}, "
             f"host-to-device {means['copy_ms']:.1f}, compute {means['compute_ms']:.1f} "

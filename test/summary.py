@@ -32,7 +32,8 @@ def case_fields(s, kind, network, case_name, e2e):
             fps = s["measured_images"] / s["measured_seconds"]
             step_ms = 1000.0 * s["measured_seconds"] / s["measured_steps"]
         fields += [("ActualFPS", fixed(fps, 2)), ("TrainingTime", fixed(step_ms, 2))]
-        # The share of the mean step spent waiting for the loader (main.py's data_ms over the whole step).
+        # The share of the mean step spent waiting for the loader (main.py's data_ms over the whole step), over the
+        # measured steps, as the FPS.
         fields += [("DataWaitShare", fixed(s.get("data_wait_share"), 3))]
     return fields + [
         ("TrainAccuracy", fixed(accuracy, 3)),

@@ -1,6 +1,8 @@
 """training/data.py: the image folders and their checks, image formats, samplers, loaders and their workers."""
+import logging
 import multiprocessing
 import os
+import re
 
 import numpy as np
 import pytest
@@ -295,3 +297,161 @@ def test_a_forked_worker_reading_every_sample_does_not_copy_the_list():
         os.waitpid(pid, 0)
     # The list's pages are copied into the worker (about 30 MiB here); the arrays' are not.
     assert growth["list"] > 10 and growth["packed"] < 3, growth
+
+
+class FakeFileList(torch.utils.data.Dataset):
+    """``count`` ImageNet-like paths packed as a folder's file list is; an item is the pid of the process
+    that loads it."""
+
+    def __init__(self, count):
+        self.samples = data.PackedSamples([(f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG",
+                                            i % 1000) for i in range(count)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        self.samples[index]
+        return os.getpid()
+
+
+def private_mib(pid):
+    """A process's private memory (the pages no other process shares), from /proc/PID/smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        return sum(int(line.split()[1]) for line in handle if line.startswith("Private_")) / 1024
+
+
+def worker_report(local_rank, result_path, count):
+    """In a spawned rank, as distributed.launch starts them: the start method of build_loader's workers, and the
+    private memory of one of its workers and of a spawned DataLoader worker, over the same file list."""
+    import json
+    import multiprocessing
+    dataset = FakeFileList(count)
+    report = {"default": multiprocessing.get_start_method()}
+    for name, loader in (("build_loader", data.build_loader(dataset, 1, 1, persistent=False)),
+                         ("spawned", torch.utils.data.DataLoader(dataset, num_workers=1,
+                                                                 multiprocessing_context="spawn"))):
+        context = loader.multiprocessing_context
+        report[f"{name}_method"] = context.get_start_method() if context else report["default"]
+        batches = iter(loader)
+        report[f"{name}_mib"] = private_mib(int(next(batches)))
+        del batches
+    with open(result_path, "w") as handle:
+        json.dump(report, handle)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux's /proc memory accounting")
+def test_loader_workers_fork_in_a_spawned_rank(tmp_path):
+    import json
+    result = tmp_path / "report.json"
+    torch.multiprocessing.start_processes(worker_report, args=(str(result), 200_000), nprocs=1, start_method="spawn")
+    report = json.loads(result.read_text())
+    assert report["default"] == "spawn"
+    assert report["build_loader_method"] == "fork"
+    # A forked worker shares the rank's torch and file list; a spawned one imports and unpickles its own.
+    assert report["build_loader_mib"] < report["spawned_mib"] / 3
+
+
+def _tricky_tree(root):
+    """Class folders with nested folders whose names sort across each other, mixed-case and foreign extensions,
+    and a class that val/ lacks."""
+    files = ["train/b/1.JPEG", "train/b/0.png", "train/b/a-b/2.jpg", "train/b/a/3.jpeg", "train/b/a/x/4.PNG",
+             "train/b/notes.txt", "train/a/10.webp", "train/a/9.bmp", "train/a.c/5.JPG", "train/c/6.png",
+             "val/b/7.png", "val/a.c/8.png"]
+    for name in files:
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root / "train"
+
+
+@pytest.mark.parametrize("classes", [["a", "a.c", "b", "c"], ["c", "b", "a.c", "a"]])
+def test_listing_has_torchvisions_files_order_and_labels(tmp_path, classes):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    train = _tricky_tree(tmp_path)
+    index = {name: i for i, name in enumerate(classes)}
+    expected = make_dataset(str(train), index, IMG_EXTENSIONS, allow_empty=True)
+    assert len(expected) == 9
+    assert list(data.list_images(str(train), classes)) == expected
+    assert list(data.list_images(str(tmp_path / "val"), classes)) == make_dataset(
+        str(tmp_path / "val"), index, IMG_EXTENSIONS, allow_empty=True)
+
+
+@pytest.fixture
+def listing_log(caplog):
+    log = logging.getLogger("test_file_lists")
+    with caplog.at_level(logging.INFO, logger="test_file_lists"):
+        yield log, caplog
+
+
+def _listed(file_lists, folder, classes, caplog):
+    caplog.clear()
+    samples = file_lists(folder, classes)
+    return list(samples), caplog.text
+
+
+def test_file_list_cache_serves_the_next_run_until_the_folder_changes(tmp_path, listing_log):
+    from helpers import cpu_runtime
+    log, caplog = listing_log
+    train, cache = str(_tricky_tree(tmp_path / "data")), tmp_path / "out"
+    cache.mkdir()
+    classes = ["a", "a.c", "b", "c"]
+    first, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert first == list(data.list_images(train, classes)) and " listed in " in said
+    assert len(list(cache.glob("file-list-train-*.npz"))) == 1
+    # The next run (a new FileLists) reads the cache.
+    again, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert again == first and "read from the listing cache" in said
+    # Another class list labels otherwise: not served from this cache.
+    _, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes[::-1], caplog)
+    assert " listed in " in said
+    # A file added to a class folder: the next run lists again, and sees it.
+    (tmp_path / "data" / "train" / "c" / "new.png").write_bytes(b"")
+    changed, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert " listed in " in said and changed == list(data.list_images(train, classes)) and len(changed) == 10
+    _, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert "read from the listing cache" in said
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_file_list_cache_is_listed_again(tmp_path, listing_log, damage):
+    from helpers import cpu_runtime
+    log, caplog = listing_log
+    train, cache = str(_tricky_tree(tmp_path / "data")), tmp_path / "out"
+    cache.mkdir()
+    classes = ["a", "a.c", "b", "c"]
+    expected, _ = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    (cached,) = cache.glob("file-list-train-*.npz")
+    whole = cached.read_bytes()
+    cached.write_bytes({"truncated": whole[:len(whole) // 2], "garbage": os.urandom(len(whole)), "empty": b""}[damage])
+    listed, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert listed == expected and " listed in " in said and "ignored the listing cache" in said
+    # Rewritten whole: the next run reads it.
+    _, said = _listed(data.FileLists(str(cache), cpu_runtime(), log), train, classes, caplog)
+    assert "read from the listing cache" in said
+
+
+def test_an_unwritable_file_list_cache_is_no_error(tmp_path, listing_log):
+    from helpers import cpu_runtime
+    log, caplog = listing_log
+    train = str(_tricky_tree(tmp_path / "data"))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    listed, said = _listed(data.FileLists(str(not_a_folder), cpu_runtime(), log), train, ["a", "b"], caplog)
+    assert listed == list(data.list_images(train, ["a", "b"]))
+    assert " listed in " in said and "could not write the listing cache" in said
+
+
+def test_rank_0_lists_once_for_all_ranks_and_the_next_run(image_folder, tmp_path):
+    from helpers import run_main_in_process, run_main_subprocess, tiny_flags
+    out = tmp_path / "ddp"
+    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "1", "--seed", "0",
+                                                         "--multiprocessing-distributed", "--device-list", "0,1"))
+    assert proc.returncode == 0, proc.stderr
+    rank0, rank1 = (out / "train.log").read_text(), (out / "rank1.log").read_text()
+    for split in ("train", "val"):
+        assert re.search(rf"=> {re.escape(os.path.join(image_folder, split))}: \d+ images listed in ", rank0), rank0
+        assert f"{os.path.join(image_folder, split)}: " in rank1
+    assert rank1.count("read from the listing cache") == 2 and " listed in " not in rank1
+    # An evaluation of the run's checkpoint in its output folder reads val/'s listing too.
+    run_main_in_process(image_folder, *tiny_flags(out, "-e", "--resume", str(out / "checkpoint.pth.tar")))
+    assert (out / "train.log").read_text().count("read from the listing cache") == 1

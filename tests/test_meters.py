@@ -1,4 +1,5 @@
-"""training/meters.py: the step breakdown and the slow-loader warning."""
+"""training/meters.py: the step breakdown, the data wait share over the measured steps only, and the slow-loader
+warning."""
 import csv
 import time
 
@@ -56,3 +57,25 @@ def test_fast_loader_says_nothing():
     breakdown.add(steps=10, wall_seconds=1.0, wait_seconds=0.1, copy_seconds=0.02)
     assert breakdown.slow_loader_message(4, "fast") is None
     assert breakdown.means_ms() == pytest.approx({"data_ms": 8.0, "copy_ms": 2.0, "compute_ms": 90.0})
+
+
+def test_data_wait_share_leaves_the_warm_up_steps_out(tmp_path, monkeypatch):
+    # The loader is slow for each epoch's first two batches only (loader start-up), the --fps-warmup-steps.
+    original = data.SyntheticImages.__getitem__
+    served = []
+
+    def slow_start(self, index):
+        served.append(index)
+        if len(served) % 12 in (1, 2, 3, 4):  # an epoch is 12 images in 6 batches: its first two batches
+            time.sleep(0.25)
+        return original(self, index)
+
+    monkeypatch.setattr(data.SyntheticImages, "__getitem__", slow_start)
+    out = tmp_path / "run"
+    summary = run_main_in_process(*tiny_flags(out), "--dummy", "--dummy-images", "12", "-b", "2", "--epochs", "2",
+                                  "--fps-warmup-steps", "2", "--no-val")
+    assert summary["measured_steps"] == 8
+    # One second of each epoch's wait is in its warm-up; the measured steps wait for nothing.
+    assert summary["data_wait_share"] < meters.StepBreakdown.SLOW_LOADER_SHARE
+    assert summary["data_ms"] < 100
+    assert "cannot keep up" not in (out / "train.log").read_text()

@@ -1,19 +1,26 @@
-"""Data sets and loaders: ImageNet folders and their layout checks, synthetic data, samplers, and loaders that
-skip or replace unreadable images (the transforms are in transforms.py, the demo set in demo.py)."""
+"""Data sets and loaders: ImageNet folders, their layout checks and their listing (once per job, cached),
+synthetic data, samplers, and loaders that skip or replace unreadable images (the transforms are in
+transforms.py, the demo set in demo.py)."""
 import collections.abc
 import contextlib
+import hashlib
 import itertools
+import json
 import math
+import multiprocessing
 import os
 import signal
+import sys
+import time
 import weakref
+import zipfile
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file_allowed_extension
 
 from training.utils import STOP_SIGNALS, UserError
 
@@ -65,6 +72,18 @@ class PackedSamples(collections.abc.Sequence):
         self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self.targets = np.array([target for _, target in samples], dtype=np.int64)
 
+    @classmethod
+    def from_arrays(cls, offsets, paths, targets):
+        """The samples whose i-th path is ``paths[offsets[i]:offsets[i + 1]]`` (encoded bytes), labelled
+        ``targets[i]``."""
+        packed = cls.__new__(cls)
+        packed._offsets, packed._paths, packed.targets = offsets, paths, targets
+        return packed
+
+    def arrays(self):
+        """{"offsets", "paths", "targets"}: what from_arrays takes."""
+        return {"offsets": self._offsets, "paths": self._paths, "targets": self.targets}
+
     def __len__(self):
         return len(self.targets)
 
@@ -86,19 +105,20 @@ class _ClassFolder(datasets.ImageFolder):
     With ``seed`` set, each sample's augmentation is seeded by (seed, epoch, index).
     """
 
-    def __init__(self, root, classes, transform, loader=default_loader, replace_unreadable=True, seed=None):
-        self._given_classes = list(classes)
-        # allow_empty: val/ may hold only some of train/'s classes; empty folders are checked by the caller.
-        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
-        self.samples = self.imgs = PackedSamples(self.samples)
-        self.targets = self.samples.targets
+    def __init__(self, root, classes, samples, transform, loader=default_loader, replace_unreadable=True,
+                 seed=None):
+        # VisionDataset's set-up alone: DatasetFolder's would list the folder again, into Python tuples. The
+        # samples (list_images') are the ones it would list.
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.loader, self.extensions = loader, IMG_EXTENSIONS
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples = self.imgs = samples
+        self.targets = samples.targets
         self.replace_unreadable = replace_unreadable
         self.seed = seed
         self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self.skip_events = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def find_classes(self, directory):
-        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
 
     def read_error(self, index):
         """Why sample ``index`` cannot be read, or None."""
@@ -145,6 +165,118 @@ class _ClassFolder(datasets.ImageFolder):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image)
+
+
+def list_images(folder, classes):
+    """The images of ``folder``'s class folders, labelled by their index in ``classes``: the files, order and
+    labels of torchvision's ImageFolder (make_dataset: classes by sorted name, each class folder walked in sorted
+    order following links, file names sorted, the IMG_EXTENSIONS filter; a class without a folder has no images).
+    Packed class by class, so that only one class's paths at a time exist as Python objects: a whole list of
+    ImageNet's 1.28M (path, index) tuples beside the arrays would raise the peak memory by about 540 MiB, against
+    116 MiB (docs/usage.md)."""
+    index = {name: i for i, name in enumerate(classes)}
+    paths = bytearray()
+    lengths, targets = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for name in sorted(classes):
+        class_dir = os.path.join(folder, name)
+        if not os.path.isdir(class_dir):
+            continue
+        encoded = [os.fsencode(path) for root, _, files in sorted(os.walk(class_dir, followlinks=True))
+                   for path in (os.path.join(root, file) for file in sorted(files))
+                   if has_file_allowed_extension(path, IMG_EXTENSIONS)]
+        paths += b"".join(encoded)
+        lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        targets.append(np.full(len(encoded), index[name], dtype=np.int64))
+    lengths = np.concatenate(lengths)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return PackedSamples.from_arrays(offsets, np.frombuffer(paths, dtype=np.uint8), np.concatenate(targets))
+
+
+class FileLists:
+    """list_images for a job: once per job, and once per state of the data set across runs.
+
+    Rank 0 lists (or reads a valid cache) and writes the list to a cache file in ``cache_dir`` (the output
+    folder); the other ranks wait for it at a barrier and read it, so that a job lists each folder once rather
+    than once per rank, and all ranks train on one list. A cache serves while the folder (as given, and where it
+    resolves to), the class list and the modification times of the folder and its class folders are unchanged: a
+    file added, removed or renamed in a class folder changes that folder's time (a change inside a folder nested
+    in a class folder does not: delete the cache file then). A cache that cannot be read is listed again; one that
+    cannot be written is said, and ranks that find no cache list the folder themselves."""
+
+    def __init__(self, cache_dir, runtime, log):
+        self.cache_dir, self.runtime, self.log = cache_dir, runtime, log
+
+    def __call__(self, folder, classes):
+        start = time.perf_counter()
+        key = _listing_key(folder, classes)
+        path = os.path.join(self.cache_dir, f"file-list-{os.path.basename(folder)}-"
+                            f"{hashlib.sha256(os.fsencode(os.path.realpath(folder))).hexdigest()[:12]}.npz")
+        samples = self._read(path, key, len(classes)) if self.runtime.is_main else None
+        listed = self.runtime.is_main and samples is None
+        if listed:
+            samples = list_images(folder, classes)
+            self._write(path, key, samples, folder)
+        self.runtime.barrier()  # the other ranks read what rank 0 wrote
+        if samples is None:
+            samples = self._read(path, key, len(classes))
+        if samples is None:  # rank 0 could not write it, or wrote it where this node cannot read it
+            samples, listed = list_images(folder, classes), True
+        how = "listed" if listed else f"read from the listing cache {path}"
+        self.log.info(f"=> {folder}: {len(samples)} images {how} in {time.perf_counter() - start:.2f} s")
+        return samples
+
+    def _read(self, path, key, num_classes):
+        """The cached samples when the cache at ``path`` is whole and its key is ``key``, else None."""
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if stored["key"].item() != key:
+                    return None  # another state of the folder, or another folder or class list
+                samples = PackedSamples.from_arrays(stored["offsets"], stored["paths"], stored["targets"])
+            _check_packed(samples, num_classes)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            self.log.warning(f"=> ignored the listing cache {path}, which cannot be read ({type(exc).__name__}: "
+                             f"{exc}); listing again")
+            return None
+        return samples
+
+    def _write(self, path, key, samples, folder):
+        """Write the cache whole or not at all: to a temporary file renamed over ``path``."""
+        tmp_path = path + ".tmp"
+        try:
+            with open(tmp_path, "wb") as handle:
+                np.savez(handle, key=np.array(key), **samples.arrays())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            self.log.warning(f"=> could not write the listing cache {path} ({exc}); the next run lists {folder} "
+                             "again")
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+
+
+def _listing_key(folder, classes):
+    """What a listing of ``folder`` depends on, as a string: see FileLists."""
+    times = []
+    for path in [folder, *(os.path.join(folder, name) for name in sorted(classes))]:
+        try:
+            times.append(os.stat(path).st_mtime_ns)
+        except FileNotFoundError:
+            times.append(None)
+    return json.dumps({"folder": folder, "resolved": os.path.realpath(folder), "classes": list(classes),
+                       "mtimes_ns": times})
+
+
+def _check_packed(samples, num_classes):
+    """A ValueError unless the arrays are a consistent sample list with labels below ``num_classes``."""
+    offsets, paths, targets = samples.arrays().values()
+    if not (offsets.ndim == paths.ndim == targets.ndim == 1 and len(offsets) == len(targets) + 1
+            and offsets[0] == 0 and offsets[-1] == len(paths) and (np.diff(offsets) >= 0).all()
+            and (len(targets) == 0 or 0 <= targets.min() <= targets.max() < num_classes)):
+        raise ValueError("its arrays do not form a list of samples")
 
 
 def _class_dirs(folder):
@@ -196,27 +328,30 @@ def check_layout(data_dir, need_train=True):
     return train, (val_dir, val_classes)
 
 
-def _image_folder(folder, classes, class_dirs, transform, loader, is_train, seed):
-    ds = _ClassFolder(folder, classes, transform, loader, replace_unreadable=is_train, seed=seed if is_train else None)
+def _image_folder(folder, classes, class_dirs, transform, loader, is_train, seed, file_lists):
+    ds = _ClassFolder(folder, classes, file_lists(folder, classes), transform, loader, replace_unreadable=is_train,
+                      seed=seed if is_train else None)
     if not len(ds.samples):
         raise UserError(f"no images found in the class folders of {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
     _check_no_empty_class(ds, folder, class_dirs)
     return ds
 
 
-def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader)):
+def image_folders(data_dir, train_tf, val_tf, seed=None, loaders=(default_loader, default_loader),
+                  file_lists=list_images):
     """(train_set, val_set) from DATA/train/<class>/* and DATA/val/<class>/*, labelled by train/'s classes.
 
     ``seed``: seed the training augmentation per (seed, epoch, sample), see _ClassFolder.
-    ``loaders``: what reads a file for the train and val transforms (PIL images by default)."""
+    ``loaders``: what reads a file for the train and val transforms (PIL images by default).
+    ``file_lists``: what lists a split's images (list_images, or a run's FileLists)."""
     (train_dir, classes), (val_dir, val_classes) = check_layout(data_dir)
-    return (_image_folder(train_dir, classes, classes, train_tf, loaders[0], True, seed),
-            _image_folder(val_dir, classes, val_classes, val_tf, loaders[1], False, None))
+    return (_image_folder(train_dir, classes, classes, train_tf, loaders[0], True, seed, file_lists),
+            _image_folder(val_dir, classes, val_classes, val_tf, loaders[1], False, None, file_lists))
 
 
-def val_image_folder(data_dir, val_tf, classes=None, loader=default_loader):
+def val_image_folder(data_dir, val_tf, classes=None, loader=default_loader, file_lists=list_images):
     """The val/ set alone, for evaluation: labelled by ``classes`` (the evaluated checkpoint's) when given, else
-    by train/'s class folders, the order training used."""
+    by train/'s class folders, the order training used. ``file_lists`` as for image_folders."""
     train, (val_dir, val_classes) = check_layout(data_dir, need_train=False)
     if classes is not None:
         _check_known_classes(val_dir, val_classes, classes, "the checkpoint's class list")
@@ -226,7 +361,7 @@ def val_image_folder(data_dir, val_tf, classes=None, loader=default_loader):
         raise UserError(f"{os.fspath(data_dir)} has no train/ to take the class order from, and the checkpoint "
                         "does not record its classes (main.py's checkpoints do): add train/ with one folder per "
                         "class")
-    return _image_folder(val_dir, list(classes), val_classes, val_tf, loader, False, None)
+    return _image_folder(val_dir, list(classes), val_classes, val_tf, loader, False, None, file_lists)
 
 
 class SyntheticImages(Dataset):
@@ -372,10 +507,28 @@ def _ignore_stop_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
+def worker_start_context():
+    """How loader workers start: forked on Linux, whatever the process's default start method (spawn in the ranks
+    of --multiprocessing-distributed, forkserver from Python 3.14 on), else the platform's default (None).
+
+    A forked worker shares the process's imported modules and its packed file list (PackedSamples) page by page;
+    a spawned one imports torch again and unpickles its own copy of the list (measured at ImageNet's 1.28M files
+    in docs/speed.md). Forking a process that has set up CUDA, an NPU or a process group is safe here because the
+    workers touch no device: every pipeline's worker code (data.py's _ClassFolder and SyntheticImages, the
+    transforms, pipeline.bytes_loader) makes CPU tensors, and everything on a device (pinning, copies, the gpu
+    pipeline's decode: prefetch.py) runs in the main process. A worker that called CUDA would fail at once
+    ("Cannot re-initialize CUDA in forked subprocess"). torchrun and srun ranks, whose
+    default start method is fork, have always forked their workers this way."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return None
+
+
 def build_loader(dataset, batch_size, workers, sampler=None, drop_last=False, pin_memory=False, seed=None,
                  collate_fn=None, persistent=True):
     """A DataLoader; with ``persistent`` its workers live from the first pass to the end of the run (training's
-    every epoch), otherwise they end with each pass (validation: not alive beside training's all run long)."""
+    every epoch), otherwise they end with each pass (validation: not alive beside training's all run long). The
+    workers start as worker_start_context says."""
     # The order is the sampler's; with a seeded generator the worker seeds are reproducible too: the DataLoader
     # derives each worker's torch/random/numpy seeds from a base seed drawn from it.
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -390,4 +543,5 @@ def build_loader(dataset, batch_size, workers, sampler=None, drop_last=False, pi
         generator=generator,
         worker_init_fn=_ignore_stop_signals,
         collate_fn=collate_fn,
+        multiprocessing_context=worker_start_context() if workers > 0 else None,
     )

@@ -157,38 +157,52 @@ class StepBreakdown:
 
 class EpochProgress:
     """The bookkeeping behind an epoch's printed lines and its measured window: the steps, data wait and metrics
-    (on the device) since the last line, the epoch's running means and its StepBreakdown. Reads the clock only;
-    the caller syncs the device before ``open_window`` and ``log_line``."""
+    (on the device) since the last line, the epoch's running means and its StepBreakdown. The breakdown covers the
+    measured window alone, the steps the FPS counts: the warm-up steps' waits (loader start-up) would otherwise
+    dominate a short run's data wait share. Reads the clock only; the caller syncs the device before
+    ``open_window`` and ``log_line``."""
 
     def __init__(self, runtime, loader, epoch, steps, window_first_step):
         self.loader, self.epoch, self.steps = loader, epoch, steps
         self.window_first_step = window_first_step
         self.interval = MetricSums(runtime.device)
         self.step_time, self.data_time, self.loss_avg, self.top1_avg, self.top5_avg = (Average() for _ in range(5))
-        self.breakdown, self.copy_mark = StepBreakdown(), loader.copy_seconds
+        self.breakdown = StepBreakdown()
         self.global_batch = 0
         self.interval_steps, self.interval_data = 0, 0.0
         self.interval_start = self.last_step_end = self.window_start = None
+        # The measured window's steps, data wait and copy time not yet in the breakdown, and since when.
+        self.window_steps, self.window_data = 0, 0.0
+        self.window_mark = self.window_copy_mark = None
 
     def start(self, start_step):
         self.interval_start = self.last_step_end = time.perf_counter()
         # Without warm-up steps the measured window opens now, before the first step.
         if self.window_first_step == start_step:
-            self.window_start = self.interval_start
+            self._open_window_at(self.interval_start)
 
     def batch_arrived(self):
-        self.interval_data += time.perf_counter() - self.last_step_end
+        wait = time.perf_counter() - self.last_step_end
+        self.interval_data += wait
+        if self.window_start is not None:
+            self.window_data += wait
 
     def step_done(self, loss, output, labels, world_size):
         self.interval.update(loss, output, labels)
         self.interval_steps += 1
+        if self.window_start is not None:
+            self.window_steps += 1
         self.global_batch = labels.shape[0] * world_size
 
     def step_end(self):
         self.last_step_end = time.perf_counter()
 
     def open_window(self):
-        self.window_start = time.perf_counter()
+        self._open_window_at(time.perf_counter())
+
+    def _open_window_at(self, now):
+        self.window_start = self.window_mark = now
+        self.window_copy_mark = self.loader.copy_seconds
 
     def log_line(self, log, step, skipped):
         """Log the reference's line for the steps since the last one (their metrics are pulled from the device),
@@ -203,8 +217,11 @@ class EpochProgress:
         self.loss_avg.add(loss_value, count)
         self.top1_avg.add(top1, count)
         self.top5_avg.add(top5, count)
-        self.breakdown.add(steps, now - self.interval_start, data_wait, self.loader.copy_seconds - self.copy_mark)
-        self.copy_mark = self.loader.copy_seconds
+        if self.window_steps:
+            self.breakdown.add(self.window_steps, now - self.window_mark, self.window_data,
+                               self.loader.copy_seconds - self.window_copy_mark)
+            self.window_steps, self.window_data = 0, 0.0
+            self.window_mark, self.window_copy_mark = now, self.loader.copy_seconds
         step_fps = self.global_batch / seconds_per_step
         measured = step + 1 - self.window_first_step
         mean_fps = measured * self.global_batch / (now - self.window_start) if measured > 0 else step_fps

@@ -170,7 +170,8 @@ def add_output_options(parser):
                        help="write no checkpoints (performance runs, which must not replace a real run's)")
     group.add_argument("--seed", default=None, type=int)
     group.add_argument("-p", "--print-freq", default=10, type=int)
-    group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
+    group.add_argument("--fps-warmup-steps", default=5, type=int,
+                       help="steps per epoch left out of the FPS and of the data/copy/compute split")
     group.add_argument("--output-dir", default="output", help="logs and checkpoints")
     group.add_argument("--log-file", default="train.log", help="rank 0's log, inside --output-dir")
     group.add_argument("--summary-json", default="", metavar="PATH", help="write the run's figures as JSON")
