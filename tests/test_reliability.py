@@ -2,6 +2,7 @@
 import ast
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from helpers import ROOT, expect_error, poison_loss, run_main_in_process, tiny_f
 from training import checkpoint, data, engine, transforms
 from training.meters import SkippedSteps
 from training.precision import NativeAmp, Precision
+from training.utils import UserError
 
 
 def _save(path, mode, fmt):
@@ -215,6 +217,9 @@ def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_
     assert "=> stopped by SIGTERM" in (tmp_path / "train.log").read_text()
     state = checkpoint.load_file(str(tmp_path / "checkpoint.pth.tar"))
     assert len(state["rng"]) == 2
+    # Rank 1 says what rank 0 saved.
+    path = tmp_path / "checkpoint.pth.tar"
+    assert f"checkpoint {path}; resume with --resume {path}" in (tmp_path / "rank1.log").read_text()
 
 
 KILLED_WRITER = textwrap.dedent("""
@@ -244,7 +249,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, 
     assert state["epoch"] == 1 and torch.equal(state["state_dict"]["w"], torch.ones(1000))
     (stale,) = tmp_path.glob(".tmp-*.pth.tar")
 
-    # The next run in that folder clears the killed write's temporary file.
+    # The next run in that folder clears the killed write's temporary file (the checkpoint removed first: a run
+    # without --resume does not start where it would replace one).
+    os.remove(tmp_path / checkpoint.CHECKPOINT_NAME)
     run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val"))
     assert not stale.exists() and f"=> removed {stale}" in (tmp_path / "train.log").read_text()
 
@@ -434,3 +441,16 @@ def test_nothing_reaches_the_network(image_folder, tmp_path, monkeypatch):
     summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1"))
     assert summary["epochs"] == 1
     json.dumps(summary)
+
+
+@pytest.mark.parametrize("path", ["out/checkpoint.pth.tar", None])
+def test_the_non_finite_stop_says_what_was_saved(path):
+    with pytest.raises(UserError) as error:
+        engine.StopRequest().end_run("non-finite", "epoch 0, step 3/4", path, 1, logging.getLogger("test"))
+    message = str(error.value)
+    assert message.startswith("the gradients were not finite at epoch 0, step 3/4 (1 step(s) in a row); ")
+    if path:
+        assert f"the weights of the last good step are in {path}: resume with --resume {path} and a lower --lr" \
+            in message
+    else:
+        assert "no checkpoint was written (--no-checkpoint): lower --lr or check the data" in message
