@@ -1,13 +1,14 @@
 """Reruns in an output folder that holds a checkpoint: --resume auto continues the run, a rerun without it is refused
 before it writes anything, the demo run again trains in a new folder; --save-every-minutes' mid-epoch saves, on one
-process and on two."""
+process and on two; the launchers' accuracy runs run again."""
 import re
 
 import pytest
 import torch
 
 import main
-from helpers import clean_env, expect_error, run_main_in_process, run_main_subprocess, tiny_flags, write_image_folder
+from helpers import (NETWORK, TINY, clean_env, expect_error, launch_ok, read_case, run_main_in_process,
+                     run_main_subprocess, tiny_flags, write_image_folder)
 from training import checkpoint
 from training.precision import Precision
 
@@ -69,7 +70,8 @@ def test_resume_auto_continues_a_killed_run_to_the_same_weights(image_folder, st
         run_main_in_process(image_folder, *flags)
     monkeypatch.undo()
     resumed = run_main_in_process(image_folder, *flags)
-    assert f"=> resumed {tmp_path / checkpoint.CHECKPOINT_NAME} (epoch 1, step 0" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert f"=> resumed {tmp_path / checkpoint.CHECKPOINT_NAME} (epoch 1, step 0" in log
     assert [row["epoch"] for row in resumed["history"]] == [1]
     assert resumed["weights_sha256"] == straight["weights_sha256"]
 
@@ -104,7 +106,8 @@ def test_the_demo_run_twice_trains_again_in_a_new_folder(tmp_path, monkeypatch, 
     main.main(argv)
     first = (tmp_path / "output" / checkpoint.CHECKPOINT_NAME).read_bytes()
     main.main(argv)
-    assert "=> output holds an earlier run's checkpoint: this demo run writes to output/run-2" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "=> output holds an earlier run's checkpoint: this demo run writes to output/run-2" in said
     assert (tmp_path / "output" / "run-2" / checkpoint.CHECKPOINT_NAME).is_file()
     assert (tmp_path / "output" / checkpoint.CHECKPOINT_NAME).read_bytes() == first
 
@@ -141,3 +144,14 @@ def test_two_gloo_processes_save_at_the_same_steps(image_folder, tmp_path):
     # 18 images a rank in batches of 4: 4 steps; the epoch's own save follows the last.
     assert rank0 == rank1 == [("0", "1", "4"), ("0", "2", "4"), ("0", "3", "4")]
     assert len(torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, weights_only=True)["rng"]) == 2
+
+
+def test_a_full_launcher_run_again_continues_its_checkpoint(image_folder, tmp_path):
+    """The launchers' accuracy runs write to the same folder every time: run again, they go on from there."""
+    flags = (f"--data_path={image_folder}", "--device=cpu", "--batch_size=8", "--workers=0", "--amp_level=off",
+             f"--output_root={tmp_path}")
+    launch_ok("train_full_1p.sh", *flags, "--epochs=1", *TINY)
+    result = launch_ok("train_full_1p.sh", *flags, "--epochs=2", *TINY)
+    assert "--resume auto" in result.stdout
+    _, summary = read_case(tmp_path / "0", f"{NETWORK}_bs8_1p_acc")
+    assert [row["epoch"] for row in summary["history"]] == [1]
