@@ -2,12 +2,15 @@
 before it writes anything, the demo run again trains in a new folder; --save-every-minutes' mid-epoch saves, on one
 process and on two; the launchers' accuracy runs run again."""
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import main
-from helpers import (NETWORK, TINY, clean_env, expect_error, launch_ok, read_case, run_main_in_process,
+from helpers import (NETWORK, ROOT, TINY, clean_env, expect_error, launch_ok, read_case, run_main_in_process,
                      run_main_subprocess, tiny_flags, write_image_folder)
 from training import checkpoint
 from training.precision import Precision
@@ -155,3 +158,20 @@ def test_a_full_launcher_run_again_continues_its_checkpoint(image_folder, tmp_pa
     assert "--resume auto" in result.stdout
     _, summary = read_case(tmp_path / "0", f"{NETWORK}_bs8_1p_acc")
     assert [row["epoch"] for row in summary["history"]] == [1]
+
+
+def test_a_run_sigkilled_after_a_periodic_save_resumes_to_the_same_weights(image_folder, straight, tmp_path):
+    flags = tiny_flags(tmp_path, *FLAGS, *EVERY_STEP, "--resume", "auto")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), image_folder, *flags], cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, started = tmp_path / "train.log", time.monotonic()
+    while not (log.exists() and "at epoch 0, step 2/4" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - started < 120, "no periodic save"
+        time.sleep(0.05)
+    proc.kill()  # wherever it is now, a save included: the last complete checkpoint is kept
+    proc.communicate()
+    state = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    assert 2 <= 4 * state["epoch"] + state["step"] < 8  # a step of the run, not its end
+    resumed = run_main_in_process(image_folder, *flags)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
