@@ -173,7 +173,7 @@ def add_output_options(parser):
                        help="write no checkpoints (performance runs, which must not replace a real run's)")
     group.add_argument("--save-every-minutes", default=30.0, type=float, metavar="M",
                        help="also write the checkpoint mid-epoch once M minutes have passed since the last save, "
-                            "so that a node that dies without a signal loses at most M minutes; 0: off")
+                            "so that a node that dies without a signal loses about M minutes at most; 0: off")
     group.add_argument("--seed", default=None, type=int)
     group.add_argument("-p", "--print-freq", default=10, type=int)
     group.add_argument("--fps-warmup-steps", default=5, type=int, help="steps per epoch left out of FPS")
