@@ -63,13 +63,14 @@ def train(local_rank, args, stop):
     """One process's run: set up, build, resume, then train and validate epoch by epoch, and report."""
     run_start = time.perf_counter()
     runtime, log = set_up_process(args, local_rank)
-    train_set, val_set = build_datasets(args, data.FileLists(args.output_dir, runtime, log))
+    resume_path = agreed_resume_path(args, runtime, log)
+    train_set, val_set = build_datasets(args, resume_path, data.FileLists(args.output_dir, runtime, log))
     log_run_shape(train_set, val_set, runtime, args, log)
-    run = build_run(args, runtime, log, stop, val_set.classes)
+    run = build_run(args, runtime, log, stop, val_set.classes, resume_path)
     run.prepare_output_dir()
     train_loader, val_loader, train_sampler = build_loaders(train_set, val_set, runtime, args, log)
     run.schedule(train_loader)
-    start = start_point(run)
+    start = start_point(run, resume_path)
     run.summary = RunSummary(args, runtime, run_start)
     if args.evaluate:
         evaluate_only(run, val_loader)
@@ -106,7 +107,34 @@ def cpus_per_process(runtime):
     return max(1, usable_cpus() // runtime.local_world_size)
 
 
-def build_datasets(args, file_lists=data.list_images):
+def agreed_resume_path(args, runtime, log):
+    """The checkpoint this run continues ('' for a new run), as rank 0 finds it before any file is written
+    (checkpoint.resume_path: --resume auto, or the refusal to replace another run's checkpoint); every rank takes
+    rank 0's answer, or stops with its error."""
+    answer = None
+    if runtime.is_main:
+        try:
+            answer = checkpoint.resume_path(args, data_classes(args)), None
+        except UserError as exc:
+            answer = None, str(exc)
+    path, error = runtime.broadcast_object(answer)
+    if error:
+        raise UserError(error)
+    if args.resume == checkpoint.AUTO and not path:
+        log.info(f"=> --resume auto: no checkpoint in {args.output_dir}, a new run starts")
+    return path
+
+
+def data_classes(args):
+    """The class folder names of the data a training run would read (None for synthetic data); -e reads its
+    checkpoint's."""
+    if args.data_dir is None or args.evaluate:
+        return None
+    (_, classes), _ = data.check_layout(args.data_dir)
+    return classes
+
+
+def build_datasets(args, resume_path, file_lists=data.list_images):
     """(train set, val set); with -e the train set is None (evaluation reads val/ alone). ``file_lists`` lists a
     folder's images (data.FileLists: once per job, cached for the next run)."""
     if args.data_dir is None:
@@ -117,16 +145,17 @@ def build_datasets(args, file_lists=data.list_images):
         return data.SyntheticImages(args.dummy_images, DUMMY_CLASSES, args.train_crop_size, seed=0), val_set
     (train_tf, train_read), (val_tf, val_read) = pipeline.build(args.pipeline, args, args.fast_val)
     if args.evaluate:
-        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args), val_read, file_lists)
+        return None, data.val_image_folder(args.data_dir, val_tf, evaluated_classes(args, resume_path), val_read,
+                                           file_lists)
     return data.image_folders(args.data_dir, train_tf, val_tf, seed=args.seed, loaders=(train_read, val_read),
                               file_lists=file_lists)
 
 
-def evaluated_classes(args):
+def evaluated_classes(args, resume_path):
     """The class folder names the evaluated checkpoint records (main.py's do), or None."""
-    if not args.resume and args.named_weights is not None:
+    if not resume_path and args.named_weights is not None:
         return None  # published weights: ImageNet's classes in sorted folder order
-    state = checkpoint.load_file(args.resume or args.pretrained)
+    state = checkpoint.load_file(resume_path or args.pretrained)
     classes = state.get("classes") if isinstance(state, dict) else None
     return classes if isinstance(classes, (list, tuple)) else None
 
@@ -139,11 +168,11 @@ def log_run_shape(train_set, val_set, runtime, args, log):
     log.info(f"=> {args.val_preprocessing}")
 
 
-def build_run(args, runtime, log, stop, classes):
+def build_run(args, runtime, log, stop, classes, resume_path):
     """The model (with its starting weights), loss, optimizer, precision, EMA and the wrappers the loops call.
     ``classes`` label both sets (with -e there is no train set)."""
     num_classes = len(classes)
-    model = build_model(args, runtime, num_classes, log)
+    model = build_model(args, runtime, num_classes, log, resume_path)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(runtime.device)
     params = recipe.parameter_groups(model, args.weight_decay, args.decay_norm_and_bias)
     optimizer = recipe.build_optimizer(runtime.kind, params, args)
@@ -166,7 +195,7 @@ def build_run(args, runtime, log, stop, classes):
                throughput=meters.ThroughputMeter(args.fps_warmup_steps))
 
 
-def build_model(args, runtime, num_classes, log):
+def build_model(args, runtime, num_classes, log, resume_path):
     """The network with its --named-weights or --pretrained weights, on the device in its memory format."""
     model = mnasnet.ARCHS[args.arch](num_classes=num_classes, dropout=args.dropout)
     mnasnet.set_bn_momentum(model, args.bn_momentum)
@@ -177,10 +206,10 @@ def build_model(args, runtime, num_classes, log):
     elif args.pretrained:
         checkpoint.load_model_weights(model, checkpoint.load_file(args.pretrained), args.arch, args.pretrained)
         log.info(f"=> loaded weights from {args.pretrained}")
-    if args.resume and isinstance(model, mnasnet.MNASNet):
+    if resume_path and isinstance(model, mnasnet.MNASNet):
         # resume() loads the weights after the optimizer, apex and DDP took the parameters: a stem that loading
         # would rebuild (torchvision's version-1 layout) is built now.
-        model.use_layout(checkpoint.layout_version(checkpoint.load_file(args.resume)))
+        model.use_layout(checkpoint.layout_version(checkpoint.load_file(resume_path)))
     if args.sync_bn and runtime.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(runtime.device, memory_format=runtime.memory_format)
@@ -243,31 +272,31 @@ class StartPoint:
     trained_epoch: dict = None
 
 
-def start_point(run):
-    """--resume's checkpoint or --start-epoch; a resumed run also takes the checkpoint's best Acc@1."""
+def start_point(run, resume_path):
+    """The checkpoint's (``resume_path``) or --start-epoch; a resumed run also takes the checkpoint's best Acc@1."""
     args = run.args
     start = StartPoint(epoch=args.start_epoch or 0)
-    if args.resume:
-        start = resume(args, run.model_without_ddp, run.optimizer, run.scheduler, run.precision, run.ema,
-                       run.runtime, run.log)
+    if resume_path:
+        start = resume(args, resume_path, run.model_without_ddp, run.optimizer, run.scheduler, run.precision,
+                       run.ema, run.runtime, run.log)
         run.best_acc1, run.trained_epoch = start.best_acc1, start.trained_epoch
     start.epoch, start.step = first_unfinished_step(start.epoch, start.step, run.steps_per_epoch, run.trained_epoch)
-    if args.resume and not args.evaluate and start.epoch >= args.epochs:
-        raise UserError(f"--resume {args.resume} has finished its {start.epoch} epochs, all of --epochs "
+    if resume_path and not args.evaluate and start.epoch >= args.epochs:
+        raise UserError(f"--resume {resume_path} has finished its {start.epoch} epochs, all of --epochs "
                         f"{args.epochs}: give a larger --epochs to train on, or -e to evaluate it")
     return start
 
 
-def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
-    """Load --resume: the weights always; with training ahead, also everything needed to go on where the run
-    stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns its StartPoint
-    (-e: the default one)."""
-    state = checkpoint.load_file(args.resume)
+def resume(args, path, model, optimizer, scheduler, precision, ema, runtime, log):
+    """Load the checkpoint at ``path``: the weights always; with training ahead, also everything needed to go on
+    where the run stopped, at the checkpoint's epoch (not --start-epoch) and, when given, the new --lr. Returns its
+    StartPoint (-e: the default one)."""
+    state = checkpoint.load_file(path)
     missing = [] if args.evaluate else checkpoint.missing_run_state(state)
     if missing:
-        raise UserError(f"--resume {args.resume} is not a checkpoint of a training run (it has no "
-                        f"{', '.join(missing)}); to start training from its weights, use --pretrained {args.resume}")
-    checkpoint.load_model_weights(model, state, args.arch, args.resume)
+        raise UserError(f"--resume {path} is not a checkpoint of a training run (it has no "
+                        f"{', '.join(missing)}); to start training from its weights, use --pretrained {path}")
+    checkpoint.load_model_weights(model, state, args.arch, path)
     start = StartPoint()
     if not args.evaluate:
         kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
@@ -290,7 +319,7 @@ def resume(args, model, optimizer, scheduler, precision, ema, runtime, log):
         if new_lr is not None:
             log.info(f"=> --lr {new_lr} replaces the checkpoint's {saved_lr}: the learning rate schedule is "
                      f"scaled by {factor:.4g} from here on")
-    log.info(f"=> resumed {args.resume} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
+    log.info(f"=> resumed {path} (epoch {state.get('epoch')}, step {state.get('step', 0)}, "
              f"best Acc@1 {state.get('best_acc1')})")
     return start
 
@@ -336,6 +365,7 @@ def train_epochs(run, train_loader, val_loader, train_sampler, start):
     args, runtime = run.args, run.runtime
     profiler = start_profiler(args, runtime, run.steps_per_epoch - start.step) if args.profile else None
     run.metrics_log = metrics.MetricsLog(args.output_dir, start.epoch, args.tensorboard) if runtime.is_main else None
+    run.save_clock = engine.SaveClock(0 if args.no_checkpoint else args.save_every_minutes)
     for epoch in range(start.epoch, args.epochs):
         first_step = start.step if epoch == start.epoch else 0
         start_epoch_streams(run, train_sampler, epoch, first_step, start.rng)
@@ -349,7 +379,8 @@ def train_epochs(run, train_loader, val_loader, train_sampler, start):
                 run.model, run.criterion, run.optimizer, run.scheduler, run.precision, train_loader, runtime, epoch,
                 run.log, run.throughput, run.stop, batch_size=args.batch_size, print_freq=args.print_freq,
                 max_steps=args.max_steps, max_nonfinite_steps=args.max_nonfinite_steps, start_step=first_step,
-                ema=run.ema, ema_steps=args.model_ema_steps, mix=run.mix, profiler=profiler)
+                ema=run.ema, ema_steps=args.model_ema_steps, mix=run.mix, profiler=profiler,
+                save_clock=run.save_clock, save=lambda steps_done: run.save_mid_epoch(epoch, steps_done))
             train_seconds = time.perf_counter() - epoch_start
             if profiler is not None:
                 profiler.finish(run.log, runtime.is_main)  # the window is in the first epoch: validation stays out
@@ -454,6 +485,7 @@ class Run:
     # The figures of an epoch trained to its last step and not yet validated: saved with a stop there, so that the
     # resumed run validates and records that epoch.
     trained_epoch: dict = None
+    save_clock: engine.SaveClock = None  # --save-every-minutes, from the first training step
 
     def prepare_output_dir(self):
         """Rank 0 of a run that checkpoints: clear killed writes' leftovers, check there is room for checkpoints."""
@@ -473,11 +505,28 @@ class Run:
                                             args.lr_scheduler, args.lr_decay_epochs, args.lr_decay_rate,
                                             first_step=(args.start_epoch or 0) * self.steps_per_epoch)
 
-    def save(self, epoch, step, is_best, best_is_ema=False):
-        """Every rank calls this (their RNG states are gathered); rank 0 writes. The path, or None."""
-        args = self.args
+    def save(self, epoch, step, is_best, best_is_ema=False, why=""):
+        """Every rank calls this (their RNG states are gathered); rank 0 writes, then tells every rank the path
+        (None with --no-checkpoint), which each logs (``why``: a note for the line) and returns."""
         rng = self.runtime.all_gather_object(checkpoint.rng_state(self.runtime.kind))
-        if not self.runtime.is_main or args.no_checkpoint:
+        path = self.write_checkpoint(epoch, step, is_best, best_is_ema, rng) if self.runtime.is_main else None
+        path = self.runtime.broadcast_object(path)
+        if self.save_clock is not None:
+            self.save_clock.restart()
+        if path:
+            writer = "" if self.runtime.is_main else "rank 0 "
+            self.log.info(f"=> {writer}saved {path}" + (" (best)" if is_best else "") + why)
+        return path
+
+    def save_mid_epoch(self, epoch, steps_done):
+        """--save-every-minutes' save, at ``steps_done`` steps of ``epoch``; resumed like a stop's."""
+        self.save(epoch, steps_done, False, why=f" at epoch {epoch}, step {steps_done}/{self.steps_per_epoch} "
+                                               f"(--save-every-minutes {self.args.save_every_minutes:g})")
+
+    def write_checkpoint(self, epoch, step, is_best, best_is_ema, rng):
+        """Rank 0: the checkpoint (and the best model), unless --no-checkpoint. The path, or None."""
+        args = self.args
+        if args.no_checkpoint:
             return None
         state = {"epoch": epoch, "step": step, "arch": args.arch, "state_dict": self.model_without_ddp.state_dict(),
                  "best_acc1": self.best_acc1, "optimizer": self.optimizer.state_dict(),
@@ -490,17 +539,14 @@ class Run:
             state["model_ema"] = self.ema.state_dict()
             if best_is_ema:
                 best = {**state, "state_dict": self.ema.module.state_dict(), "weights": "ema"}
-        path = checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
-        self.log.info(f"=> saved {path}" + (" (best)" if is_best else ""))
-        return path
+        return checkpoint.save_checkpoint(state, is_best, args.output_dir, best=best)
 
     def stop_run(self, reason, epoch, step, is_best=False, best_is_ema=False):
         """Save where the run stands (the weights of the last applied step), report, exit non-zero."""
         path = self.save(epoch, step, is_best, best_is_ema)
         self.summary.update(stopped=reason, best_acc1=self.best_acc1)
         self.summary.write(self.log, self.throughput)
-        saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
-        self.stop.end_run(reason, f"epoch {epoch}, step {step}/{self.steps_per_epoch}", saved,
+        self.stop.end_run(reason, f"epoch {epoch}, step {step}/{self.steps_per_epoch}", path,
                           engine.nonfinite_limit(self.args.max_nonfinite_steps, self.precision), self.log)
 
     def record_training(self, epoch, first_step, stats, seconds, lr):

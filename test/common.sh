@@ -126,7 +126,7 @@ declare_options() {
             option fps_warmup_steps N "first steps left out of the FPS (default $PERF_FPS_WARMUP, at most a fifth of --steps, at least 1 of 2 or more)"
             ;;
         eval) option resume PATH "checkpoint to evaluate (default <output_root>/<id>/model_best.pth.tar)" ;;
-        *) option resume PATH "checkpoint to resume training from" ;;
+        *) option resume PATH "checkpoint to resume training from (default auto: the output folder's, if it holds one)" ;;
     esac
     option output_root DIR "reports go to DIR/<id>/ (default test/output)"
 }
@@ -410,7 +410,9 @@ add_run_flags() {
     if [[ -n ${opt_profile:-} ]]; then cmd+=(--profile); fi
 }
 
-# The published recipe, or the checkpoint to evaluate.
+# The published recipe, or the checkpoint to evaluate. An accuracy run's folder is the same for every run of its
+# <id>: run again (after a pre-emption, a requeue), it continues the checkpoint there (main.py --resume auto), which
+# main.py would otherwise refuse to replace. Performance runs write no checkpoint and always start anew.
 add_recipe_flags() {
     if [[ $kind == eval ]]; then
         cmd+=(--evaluate --resume "$resume")
@@ -418,7 +420,11 @@ add_recipe_flags() {
     fi
     cmd+=(--epochs "$epochs" --lr "$lr" --warmup "$WARMUP_EPOCHS" --momentum "$MOMENTUM" --nesterov
         --weight-decay "$WEIGHT_DECAY" --label-smoothing "$LABEL_SMOOTHING" --bn-momentum "$BN_MOMENTUM")
-    if [[ -n $resume ]]; then cmd+=(--resume "$resume"); fi
+    if [[ -n $resume ]]; then
+        cmd+=(--resume "$resume")
+    elif [[ $kind == acc ]]; then
+        cmd+=(--resume auto)
+    fi
 }
 
 add_precision_flags() {

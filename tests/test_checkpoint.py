@@ -124,7 +124,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(image_folder, 
     assert state["epoch"] == 1 and torch.equal(state["state_dict"]["w"], torch.ones(1000))
     (stale,) = tmp_path.glob(".tmp-*.pth.tar")
 
-    # The next run in that folder clears the killed write's temporary file.
+    # The next run in that folder clears the killed write's temporary file (the checkpoint removed first: a run
+    # without --resume does not start where it would replace one).
+    os.remove(tmp_path / checkpoint.CHECKPOINT_NAME)
     run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1", "--no-val"))
     assert not stale.exists() and f"=> removed {stale}" in (tmp_path / "train.log").read_text()
 

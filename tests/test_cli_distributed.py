@@ -117,6 +117,9 @@ def test_sigterm_to_a_two_process_run_saves_once_and_all_exit(image_folder, tmp_
     assert "=> stopped by SIGTERM" in (tmp_path / "train.log").read_text()
     state = checkpoint.load_file(str(tmp_path / "checkpoint.pth.tar"))
     assert len(state["rng"]) == 2
+    # Rank 1 says what rank 0 saved.
+    path = tmp_path / "checkpoint.pth.tar"
+    assert f"checkpoint {path}; resume with --resume {path}" in (tmp_path / "rank1.log").read_text()
 
 
 # --- distributed ---

@@ -241,7 +241,7 @@ def _loaders(image_folder, tmp_path, *extra):
     args = main.parse_args([image_folder, *tiny_flags(tmp_path, "-j", "2", *extra)])
     main.prepare(args)
     runtime = distributed.Runtime(kind="cpu", device=torch.device("cpu"))
-    train_set, val_set = main.build_datasets(args)
+    train_set, val_set = main.build_datasets(args, resume_path="")
     return main.build_loaders(train_set, val_set, runtime, args, main.setup_logging(str(tmp_path), "t.log", 0))
 
 

@@ -257,7 +257,7 @@ def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tm
                             "--device", "cpu", "--output-dir", str(tmp_path)])
     main.check_args(args)
     main.prepare(args)
-    _, val_set = main.build_datasets(args)
+    _, val_set = main.build_datasets(args, resume_path="")
     _, val_loader, _ = main.build_loaders(None, val_set, cpu_runtime(), args, log=None)
     images, _ = next(iter(val_loader))
     mean, std = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None], torch.tensor(transforms.IMAGENET_STD)[:, None, None]

@@ -15,6 +15,7 @@ from training import devices, timm_keys
 from training.utils import UserError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
+AUTO = "auto"  # --resume auto: the output folder's checkpoint, if any
 BEST_NAME = "model_best.pth.tar"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # What --resume needs besides the weights.
@@ -68,6 +69,62 @@ def save_checkpoint(state, is_best, output_dir, best=None):
     except OSError as exc:
         raise UserError(f"cannot write checkpoint in {output_dir}: {exc.strerror or exc}") from None
     return path
+
+
+def output_checkpoint(output_dir):
+    """The path of ``output_dir``'s checkpoint (the one every save replaces), or None where there is none."""
+    path = os.path.join(output_dir, CHECKPOINT_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def resume_path(args, classes):
+    """The checkpoint the run continues ('' for a new run): --resume PATH, or with --resume auto --output-dir's
+    checkpoint when there is one. A checkpoint of another run is refused with a one-line error: with --resume auto
+    one that ``args`` and the data's ``classes`` (None: synthetic data) cannot continue, without --resume any that
+    this run's saves would replace (--no-checkpoint and -e runs write none)."""
+    found = output_checkpoint(args.output_dir)
+    if args.resume != AUTO:
+        if found and not args.resume and not (args.no_checkpoint or args.evaluate):
+            raise UserError(f"--output-dir {args.output_dir} holds another run's checkpoint ({found}), which this run "
+                            "would replace: add --resume auto to continue that run, or choose another --output-dir "
+                            "for a new one")
+        return args.resume
+    if found is None:
+        if args.evaluate:
+            raise UserError(f"-e --resume auto: --output-dir {args.output_dir} holds no {CHECKPOINT_NAME} to evaluate")
+        return ""
+    if not args.evaluate:
+        differences = run_differences(load_file(found), args, classes)
+        if differences:
+            raise UserError(f"--resume auto: {found} is another run's checkpoint: {'; '.join(differences)}; choose "
+                            "another --output-dir for this run")
+    return found
+
+
+def run_differences(state, args, classes):
+    """What keeps the run of ``args`` on ``classes`` from continuing the checkpoint ``state``: its arch, global
+    batch, classes, or its having trained all of --epochs; [] when nothing does."""
+    if not isinstance(state, dict) or missing_run_state(state):
+        return ["it is not a checkpoint of a training run"]
+    saved_args = state.get("args") or {}
+    differences = []
+    if state.get("arch") != args.arch:
+        differences.append(f"-a {state.get('arch')} (this run: {args.arch})")
+    if saved_args.get("batch_size", args.batch_size) != args.batch_size:
+        differences.append(f"global batch -b {saved_args['batch_size']} (this run: {args.batch_size})")
+    saved_classes = state.get("classes")
+    num_classes = len(classes) if classes is not None else state.get("num_classes")
+    if state.get("num_classes") != num_classes:
+        differences.append(f"{state.get('num_classes')} classes (this run's data: {num_classes})")
+    elif saved_classes is not None and classes is not None and list(saved_classes) != list(classes):
+        differences.append("other class folders than this run's data")
+    elif (saved_classes is None) != (classes is None):
+        differences.append("synthetic data (this run: an image folder)" if saved_classes is None
+                           else "an image folder (this run: synthetic data)")
+    if state["epoch"] >= args.epochs:
+        differences.append(f"it has finished its {state['epoch']} epochs, all of --epochs {args.epochs} (a larger "
+                           "--epochs trains on)")
+    return differences
 
 
 def rng_state(device_kind):

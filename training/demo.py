@@ -7,6 +7,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from training import checkpoint
 from training.utils import UserError
 
 # Short-run settings main.py applies when no DATA folder is given (keys are argparse dests).
@@ -118,3 +119,15 @@ def prepare_demo_folder(root):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def output_dir(base):
+    """Where a demo run writes: ``base``, or when it holds an earlier run's checkpoint, the first of ``base``/run-2,
+    run-3 ... that holds none (said on the console). The demo's images stay in ``base``."""
+    folder, number = base, 1
+    while checkpoint.output_checkpoint(folder) is not None:
+        number += 1
+        folder = os.path.join(base, f"run-{number}")
+    if folder != base:
+        print(f"=> {base} holds an earlier run's checkpoint: this demo run writes to {folder}")
+    return folder

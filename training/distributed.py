@@ -188,6 +188,14 @@ class Runtime:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (a collective): what rank 0 alone decided or did."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def broadcast_buffers(self, model):
         """Give every rank rank 0's BatchNorm statistics, so all ranks evaluate the weights that rank 0 saves."""
         if self.distributed:

@@ -3,6 +3,7 @@ and ``precision`` (distributed.py, precision.py)."""
 import copy
 import signal
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -42,27 +43,51 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else None
 
     def requested(self, runtime, sync_point=True):
+        return self.agree(runtime, sync_point)[0]
+
+    def agree(self, runtime, sync_point=True, save_due=False):
+        """(stop, save): whether the run stops after this step, and whether it saves mid-epoch now (``save_due``:
+        this rank's SaveClock says so). With several processes the ranks agree at sync points, each flag set where
+        any rank's is, in one all-reduce (the one the stop check makes anyway); between them both are False."""
         if not runtime.distributed:
-            return self.signum is not None
+            return self.signum is not None, save_due
         if not sync_point:
-            return False
-        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=runtime.device)
-        if runtime.all_reduce_sum(flag).item() > 0:
+            return False, False
+        flags = torch.tensor([0.0 if self.signum is None else 1.0, float(save_due)], device=runtime.device)
+        stop, save = (runtime.all_reduce_sum(flags) > 0).tolist()
+        if stop:
             # Another rank was signalled: this one stops with it.
             self.signum = self.signum or signal.SIGTERM
-            return True
-        return False
+        return stop, save
 
-    def end_run(self, reason, where, saved, nonfinite_in_a_row, log):
-        """Exit once the run has saved where it stands (``saved`` says what and how to resume). Gradients that
-        stayed non-finite are the user's to fix: a one-line error. A signal exits with 128 + its number, the status
-        of a process it killed, so that schedulers see a pre-empted run, not a finished one."""
+    def end_run(self, reason, where, path, nonfinite_in_a_row, log):
+        """Exit once the run has saved where it stands in ``path`` (rank 0's checkpoint; None with --no-checkpoint).
+        Gradients that stayed non-finite are the user's to fix: a one-line error. A signal exits with 128 + its
+        number, the status of a process it killed, so that schedulers see a pre-empted run, not a finished one."""
         if reason == "non-finite":
-            raise UserError(f"the gradients were not finite at {where} ({nonfinite_in_a_row} step(s) in a row); the "
-                            f"weights of the last good step are in the {saved}. Lower --lr (a resumed run scales its "
-                            f"schedule to the new value) or check the data")
+            saved = (f"the weights of the last good step are in {path}: resume with --resume {path} and a lower --lr "
+                     "(a resumed run scales its schedule to the new value), or check the data" if path else
+                     "no checkpoint was written (--no-checkpoint): lower --lr or check the data")
+            raise UserError(f"the gradients were not finite at {where} ({nonfinite_in_a_row} step(s) in a row); "
+                            f"{saved}")
+        saved = f"checkpoint {path}; resume with --resume {path}" if path else "no checkpoint (--no-checkpoint)"
         log.info(f"=> stopped by {reason} at {where}; {saved}")
         raise SystemExit(128 + self.signum)
+
+
+class SaveClock:
+    """--save-every-minutes: a mid-epoch save is due ``minutes`` after the last save of any kind (0: never). The
+    monotonic clock, which a step of the wall clock (NTP, a VM's clock sync) does not move."""
+
+    def __init__(self, minutes):
+        self.seconds = minutes * 60
+        self.restart()
+
+    def restart(self):
+        self.last = time.monotonic()
+
+    def due(self):
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
 
 
 def nonfinite_limit(max_nonfinite_steps, precision):
@@ -73,7 +98,7 @@ def nonfinite_limit(max_nonfinite_steps, precision):
 
 def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, runtime, epoch, log, throughput, stop,
                     *, batch_size, print_freq, max_steps=0, max_nonfinite_steps=1, start_step=0, ema=None,
-                    ema_steps=1, mix=None, profiler=None):
+                    ema_steps=1, mix=None, profiler=None, save_clock=None, save=None):
     """Train for one epoch (or to step ``max_steps``), from ``start_step`` (the loader starts there too).
 
     Returns the global mean loss, Acc@1, Acc@5 of the steps run, ``steps_done`` (of this epoch, counting
@@ -87,6 +112,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
     the progress bar's images; a line is logged every ``print_freq`` steps.
     ``loader`` yields batches already on the device (prefetch.DeviceLoader). ``profiler`` (--profile), when
     given, is told each step's end. The result's ``breakdown`` is the epoch's StepBreakdown.
+    When ``save_clock`` says a save is due (the ranks agree on it with the stop check), ``save(steps_done)`` writes
+    the checkpoint mid-epoch, its time left out of the step times and FPS; not after the epoch's last step, which the
+    epoch's own save follows.
     """
     model.train()
     steps = start_step + len(loader)
@@ -116,7 +144,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             runtime.synchronize()
             progress.open_window()
         print_line = (step + 1) % print_freq == 0 or step + 1 == steps
-        stopped = _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line)
+        save_due = save_clock is not None and save_clock.due()
+        stopped, save_now = _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line, save_due)
         if print_line or stopped:
             runtime.synchronize()
             progress.log_line(log, step, skipped)
@@ -124,6 +153,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, precision, loader, r
             break
         if profiler is not None:
             profiler.step()
+        if save_now and steps_done < steps:
+            save_start = time.perf_counter()
+            save(steps_done)
+            progress.leave_out(time.perf_counter() - save_start)
         progress.step_end()
     bar.close()
 
@@ -147,16 +180,15 @@ def _train_step(model, criterion, optimizer, scheduler, precision, images, label
     return loss, output
 
 
-def _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line):
-    """Why the epoch ends after this step ('non-finite', or the signal's name), or None. With a loss scaler the
-    non-finite count is read at printed lines only (the scaler's verdict stays on the device until then); the
-    ranks agree on a signal at printed lines."""
+def _stop_reason(skipped, precision, max_nonfinite_steps, stop, runtime, print_line, save_due):
+    """(why the epoch ends after this step: 'non-finite', the signal's name or None, whether to save now). With a
+    loss scaler the non-finite count is read at printed lines only (the scaler's verdict stays on the device until
+    then); the ranks agree on a signal and on a due save at printed lines."""
     if (print_line or not precision.has_scaler) and \
             skipped.longest_run() >= nonfinite_limit(max_nonfinite_steps, precision):
-        return "non-finite"
-    if stop.requested(runtime, sync_point=print_line):
-        return stop.name
-    return None
+        return "non-finite", False
+    stop_now, save_now = stop.agree(runtime, print_line, save_due)
+    return (stop.name if stop_now else None), save_now
 
 
 def _global_means(sums, runtime, skipped_images):

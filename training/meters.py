@@ -197,6 +197,12 @@ class EpochProgress:
     def step_end(self):
         self.last_step_end = time.perf_counter()
 
+    def leave_out(self, seconds):
+        """Take ``seconds`` spent outside the steps (a mid-epoch save) out of the interval's and the window's time."""
+        self.interval_start += seconds
+        if self.window_start is not None:
+            self.window_start += seconds
+
     def open_window(self):
         self._open_window_at(time.perf_counter())
 

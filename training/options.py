@@ -7,7 +7,8 @@ import argparse
 import os
 
 import mnasnet
-from training import data, demo, devices, distributed, metrics, named_weights, pipeline, profiling, transforms
+from training import (checkpoint, data, demo, devices, distributed, metrics, named_weights, pipeline, profiling,
+                      transforms)
 from training.precision import import_apex_amp
 from training.utils import UserError
 
@@ -159,7 +160,9 @@ def add_precision_options(parser):
 def add_output_options(parser):
     """Checkpoints, evaluation, and what a run writes and logs."""
     group = parser.add_argument_group("checkpoints, evaluation and output")
-    group.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint")
+    group.add_argument("--resume", default="", metavar="PATH",
+                       help="continue from this checkpoint; auto: from --output-dir's checkpoint when it holds one "
+                            "(of a run with the same -a, -b and classes), else start a new run (requeued jobs)")
     group.add_argument("-e", "--evaluate", action="store_true", help="only validate --resume/--pretrained weights")
     group.add_argument("--pretrained", default="", metavar="PATH",
                        help="start from these weights: a file (ours, torchvision's), or 'torchvision' / 'timm' for "
@@ -168,6 +171,9 @@ def add_output_options(parser):
     group.add_argument("--no-val", action="store_true", help="skip validation (performance runs)")
     group.add_argument("--no-checkpoint", action="store_true",
                        help="write no checkpoints (performance runs, which must not replace a real run's)")
+    group.add_argument("--save-every-minutes", default=30.0, type=float, metavar="M",
+                       help="also write the checkpoint mid-epoch once M minutes have passed since the last save, "
+                            "so that a node that dies without a signal loses about M minutes at most; 0: off")
     group.add_argument("--seed", default=None, type=int)
     group.add_argument("-p", "--print-freq", default=10, type=int)
     group.add_argument("--fps-warmup-steps", default=5, type=int,
@@ -234,6 +240,7 @@ def prepare(args):
     args.device_ids = device_ids(args)
     distributed.check_distributed_args(args)
     args.data_dir = data_folder(args)
+    args.output_dir = run_output_dir(args)
     check_output_dir(args)
     if args.named_weights is not None:
         named_weights.fetch(args.named_weights)
@@ -248,6 +255,8 @@ def check_values(args):
     for name in ("max_steps", "fps_warmup_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be at least 0")
+    if args.save_every_minutes < 0:
+        raise UserError("--save-every-minutes must be at least 0 (0: no mid-epoch saves)")
     if args.workers is not None and args.workers < 0:
         raise UserError("-j/--workers must be at least 0")
     if args.amp and args.amp_backend == "native" and args.opt_level == "O2":
@@ -299,7 +308,8 @@ def check_weights(args):
         named_weights.resolve(args.pretrained, args.arch)
     for flag in ("resume", "pretrained"):
         path = getattr(args, flag)
-        if path and not os.path.isfile(path) and not (flag == "pretrained" and is_named(path)):
+        if path and not os.path.isfile(path) and not (flag == "pretrained" and is_named(path)) and \
+                not (flag == "resume" and path == checkpoint.AUTO):
             raise UserError(f"--{flag}: checkpoint not found: {path}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
@@ -342,6 +352,15 @@ def data_folder(args):
         return demo.prepare_demo_folder(os.path.join(args.output_dir, "digits-imagefolder"))
     data.check_layout(args.data, need_train=not args.evaluate)
     return args.data
+
+
+def run_output_dir(args):
+    """--output-dir; for the demo run with its default folder, a new folder when that one holds an earlier run's
+    checkpoint (demo.output_dir): run again, the demo trains again rather than stop at the refusal to replace it."""
+    demo_run = args.data is None and not args.dummy
+    if not demo_run or "output_dir" in args.explicit_options or args.resume or args.evaluate or args.no_checkpoint:
+        return args.output_dir
+    return demo.output_dir(args.output_dir)
 
 
 def check_output_dir(args):
