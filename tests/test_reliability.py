@@ -434,3 +434,31 @@ def test_nothing_reaches_the_network(image_folder, tmp_path, monkeypatch):
     summary = run_main_in_process(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--max-steps", "1"))
     assert summary["epochs"] == 1
     json.dumps(summary)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_killed_rank_is_noticed_by_its_connections_closing_not_by_the_dist_timeout(image_folder, tmp_path,
+                                                                                     workers):
+    """A rank killed with SIGKILL: the kernel closes its connections and the survivor's next collective fails, well
+    within --dist-timeout 60. With loader workers the connections close only when the workers, forked from the rank
+    and holding copies of its sockets, notice their parent is gone: PyTorch's workers look every 5 s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [_popen(image_folder, *tiny_flags(tmp_path, "--epochs", "50", "--dist-timeout", "60", "-j", workers),
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(2)]
+    try:
+        _wait_for(tmp_path / "rank1.log", "Epoch: [1]", procs[1])
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=180)
+        seconds = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    print(f"-j {workers}: rank 0 exited {seconds:.1f} s after rank 1's SIGKILL (--dist-timeout 60)")
+    assert procs[0].returncode == 1 and "a collective operation failed" in err, err
+    # Generous bounds for a busy machine, still far below the timeout: 1-2 s without workers, 5-7 s with.
+    assert seconds < (15 if workers == "0" else 30), seconds
