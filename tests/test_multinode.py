@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -85,3 +86,19 @@ def test_launcher_ranks(no_launcher, variables, expected):
     for name, value in variables.items():
         no_launcher.setenv(name, value)
     assert distributed.launcher_ranks() == expected
+
+
+def test_a_torchrun_node_whose_peer_never_comes_stops_after_the_rdzv_conf_timeout(tmp_path):
+    """devices.md's torchrun command: node 0 of 2 alone. Its rendezvous ends after --rdzv-conf's 3 s (torchrun's own
+    default is 600 s), before main.py starts."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "0",
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(distributed.free_port()),
+               "--rdzv-conf", "timeout=3,join_timeout=3", os.path.join(ROOT, "main.py"), "--dummy",
+               "--output-dir", str(tmp_path)]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    print(f"torchrun gave up after {seconds:.1f} s (--rdzv-conf timeout=3), torch's import included")
+    assert result.returncode != 0 and "1/2 clients joined" in result.stderr, result.stderr[-2000:]
+    assert seconds < 60  # generous: a busy machine's torch import; far below the 600 s of the default
+    assert not (tmp_path / "train.log").exists()  # main.py never ran
