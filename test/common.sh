@@ -21,6 +21,8 @@ ARCH=mnasnet1_0
 AMP_LEVEL=O1
 LOSS_SCALE=dynamic
 NUM_DEVICES_8P=8
+# main.py's --dist-timeout default (seconds): how long a rank waits for the others, at the rendezvous too.
+DIST_TIMEOUT=1800
 PERF_STEPS=1000
 PERF_FPS_WARMUP=20
 # A CPU can't run the recipe's batch in reasonable time; perf runs there default to this.
@@ -41,6 +43,7 @@ launch() {
     parse_args "$@"
     apply_defaults
     check_values
+    resolve_dist_timeout
     # What the run is: its data, devices and settings, and where its files go.
     resolve_data_path
     resolve_device_list
@@ -219,6 +222,21 @@ check_values() {
     case $launcher in mp | torchrun) ;; *) die "--launcher must be mp or torchrun, not '$launcher'" ;; esac
 }
 
+# dist_timeout: the --dist-timeout main.py runs with (the last one among the flags after --, else main.py's
+# default), which also bounds torchrun's rendezvous.
+resolve_dist_timeout() {
+    local i
+    dist_timeout=$DIST_TIMEOUT
+    for ((i = 0; i < ${#extra_args[@]}; i++)); do
+        case ${extra_args[i]} in
+            --dist-timeout=*) dist_timeout=${extra_args[i]#*=} ;;
+            --dist-timeout) dist_timeout=${extra_args[i + 1]:-} ;;
+        esac
+    done
+    { is_uint "$dist_timeout" && ((dist_timeout > 0)); } ||
+        die "--dist-timeout (after --) must be a positive number of seconds, not '$dist_timeout'"
+}
+
 # --- Resolving the data, the devices and the settings (each step checks what it resolves) ---
 
 # data_path: absolute, or empty for main.py's synthetic data (perf runs only).
@@ -390,7 +408,9 @@ start_command() {
     if [[ $scale == 1p ]]; then
         cmd=("$PY" -u "$REPO_DIR/main.py")
     elif [[ $launcher == torchrun ]]; then
-        cmd=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc" "$REPO_DIR/main.py")
+        # torchrun's rendezvous waits 600 s by default before main.py runs: bounded like main.py's own waits.
+        cmd=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc"
+            --rdzv-conf "join_timeout=$dist_timeout" "$REPO_DIR/main.py")
     else
         # main.py spawns one process per device; MASTER_ADDR/MASTER_PORT if set, else a free local port.
         cmd=("$PY" -u "$REPO_DIR/main.py" --multiprocessing-distributed)
@@ -446,6 +466,10 @@ run_main() {
     echo "$case_name on $device ($device_list), log: $log_file"
     printf -v line '%q ' "${cmd[@]}"
     echo "running: ${line% }"
+    if [[ $scale != 1p && $launcher == torchrun ]]; then
+        echo "torchrun: waiting at most $dist_timeout s (--dist-timeout) for 1 node of $nproc processes," \
+            "rendezvous on this host (--standalone)"
+    fi
 
     "${cmd[@]}"
     rc=$?

@@ -378,3 +378,28 @@ def test_performance_launcher_with_fewer_than_five_steps(tmp_path, steps, measur
     summary = json.loads((tmp_path / "0" / "MnasNet_for_PyTorch_bs8_1p_perf.json").read_text())
     assert summary["train_steps"] == int(steps) and summary["measured_steps"] == measured
     assert summary["fps"] > 0 and summary["arch"] == arch
+
+
+@pytest.mark.parametrize("flags, timeout", [([], 1800), (["--", "--dist-timeout", "42"], 42),
+                                            (["--", "--dist-timeout=7", "--seed", "1"], 7)])
+def test_torchrun_waits_at_most_the_dist_timeout_and_says_for_what(tmp_path, flags, timeout):
+    """The launch as far as starting torchrun (a stand-in interpreter that prints its arguments): its rendezvous is
+    bounded by main.py's --dist-timeout, and the launcher says what it waits for."""
+    interpreter = tmp_path / "python"
+    interpreter.write_text('#!/bin/sh\necho "interpreter got: $*"\n')
+    interpreter.chmod(0o755)
+    result = subprocess.run(["bash", str(ROOT / "test" / "train_performance_8p.sh"), "--device=cpu",
+                             "--num_devices=2", "--launcher=torchrun", f"--output_root={tmp_path}", *flags],
+                            cwd=ROOT, env={**LAUNCH_ENV, "PYTHON": str(interpreter)}, capture_output=True, text=True,
+                            timeout=60)
+    assert "wrote no summary" in result.stderr  # the stand-in ran no training
+    started = re.search(r"^interpreter got: -m torch.distributed.run (.*) \S+/main.py", result.stdout, re.MULTILINE)
+    assert started and f"--rdzv-conf join_timeout={timeout}" in started.group(1), result.stdout
+    assert (f"torchrun: waiting at most {timeout} s (--dist-timeout) for 1 node of 2 processes, rendezvous on this "
+            "host (--standalone)") in result.stdout
+
+
+def test_a_dist_timeout_that_is_no_number_is_refused_before_torchrun():
+    result = launch("train_performance_8p.sh", "--device=cpu", "--launcher=torchrun", "--", "--dist-timeout", "soon")
+    assert result.returncode == 2
+    assert "--dist-timeout (after --) must be a positive number of seconds, not 'soon'" in result.stderr

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -251,20 +252,77 @@ def setup_runtime(args, local_rank):
 
     if world_size > 1:
         backend = args.dist_backend or BACKENDS[kind]
-        init_method = "env://" if launched_by_torchrun() else args.dist_url
+        init_method = rendezvous_url(args)
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
         if init_method == "env://" and missing:
             raise UserError(f"{' and '.join(missing)} not set: export MASTER_ADDR (e.g. the first host of "
                             "$SLURM_JOB_NODELIST) and MASTER_PORT on every node, or give --dist-url tcp://HOST:PORT")
-        try:
-            with _signals_end_process():
-                dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
-                                        timeout=datetime.timedelta(seconds=args.dist_timeout))
-        except dist.DistError as exc:
-            raise UserError(f"rank {rank} could not join the {world_size} processes at {init_method} "
-                            f"(MASTER_ADDR/MASTER_PORT for env://): {first_line(exc)}") from None
+        with _signals_end_process():
+            join_process_group(backend, init_method, world_size, rank, args.dist_timeout, device)
     return Runtime(kind, device, rank, world_size, local_rank, devices.memory_format(args.memory_format, kind),
                    local_world_size=processes_on_this_node(args), kernel_settings=kernel_settings)
+
+
+def slurm_job_port(job_id):
+    """The rendezvous port of SLURM job ``job_id`` when its script exports no MASTER_PORT: a port per job, so that two
+    jobs sharing a node never meet. From 10000-29999: below the ephemeral ports (Linux: 32768 and up) that outgoing
+    connections take."""
+    return 10000 + int(job_id) % 20000
+
+
+def rendezvous_url(args):
+    """Where this process meets the others: torchrun's env://, --dist-url, or for srun tasks given MASTER_ADDR but no
+    MASTER_PORT, their job's port on MASTER_ADDR."""
+    if launched_by_torchrun():
+        return "env://"
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if (args.dist_url == "env://" and launched_by_slurm() and job_id.isdigit() and "MASTER_ADDR" in os.environ
+            and "MASTER_PORT" not in os.environ):
+        host = os.environ["MASTER_ADDR"]
+        return f"tcp://{f'[{host}]' if ':' in host else host}:{slurm_job_port(job_id)}"
+    return args.dist_url
+
+
+def _rendezvous_address(init_method):
+    if init_method == "env://":
+        return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    return init_method.split("://", 1)[-1]
+
+
+def join_process_group(backend, init_method, world_size, rank, timeout, device):
+    """init_process_group, given up after ``timeout`` seconds (--dist-timeout) with a one-line error.
+
+    torch's own timeout bounds the store's waits and the collectives, not the handshake of a new store client: one
+    that reaches a listener that never answers (another job's process on the port) waits in a read with no time
+    limit, and one that reaches another job's store waits on that job's processes (gloo, torch 2.14: five times the
+    timeout). So a helper thread joins, bound to this process's device as this thread is, and this thread waits for
+    it at most ``timeout`` seconds."""
+    outcome = {}
+
+    def join():
+        try:
+            if device.type != "cpu":
+                devices.device_module(device.type).set_device(device)
+            dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:
+            outcome["error"] = exc
+
+    joining = threading.Thread(target=join, name="rendezvous", daemon=True)
+    joining.start()
+    joining.join(timeout)
+    address = _rendezvous_address(init_method)
+    if joining.is_alive():
+        # The thread stays blocked; the process exits with this error, and the thread with it.
+        raise UserError(f"rank {rank} of {world_size} waited --dist-timeout {timeout} s for the others at {address} "
+                        "in vain: a node that never came, or another job's process on that port (give each job its "
+                        "own MASTER_PORT)")
+    error = outcome.get("error")
+    if isinstance(error, (RuntimeError, ValueError)):  # dist.DistError is a RuntimeError
+        raise UserError(f"rank {rank} of {world_size} could not join the others at {address}: "
+                        f"{first_line(error)}") from None
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager

@@ -112,9 +112,12 @@ def add_device_options(parser):
                        help="one process per --device-list entry on this node")
     group.add_argument("--world-size", default=1, type=int, help="number of nodes (with --multiprocessing-distributed)")
     group.add_argument("--rank", default=0, type=int, help="this node's rank (with --multiprocessing-distributed)")
-    group.add_argument("--dist-url", default="env://", help="rendezvous; env:// reads MASTER_ADDR/MASTER_PORT")
+    group.add_argument("--dist-url", default="env://",
+                       help="rendezvous; env:// reads MASTER_ADDR/MASTER_PORT (srun tasks without MASTER_PORT: "
+                            "10000 + SLURM_JOB_ID %% 20000)")
     group.add_argument("--dist-backend", default=None, help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
-    group.add_argument("--dist-timeout", default=1800, type=int, help="seconds before a stuck collective fails")
+    group.add_argument("--dist-timeout", default=1800, type=int,
+                       help="seconds before a stuck collective, or a rendezvous that does not complete, fails")
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
     group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
