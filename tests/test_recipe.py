@@ -204,11 +204,22 @@ def test_recipe_flags_reach_the_criterion_and_optimizer_main_trains_with(image_f
     assert optimizer.state and all(optimizer.state.values())  # the steps ran through this optimizer
 
 
+class Rank0Alone(distributed.Runtime):
+    """Rank 0 of several CPU processes without a process group: its collectives before training (the agreed resume
+    path, the listing's barrier) see rank 0's own values, as they would from every rank."""
+
+    def barrier(self):
+        pass
+
+    def broadcast_object(self, obj):
+        return obj
+
+
 def as_rank_0_of(world_size):
     """distributed.setup_runtime's answer for rank 0 of ``world_size`` CPU processes, without joining a process group:
-    what main.py checks and builds before its first collective."""
-    return lambda args, local_rank: distributed.Runtime("cpu", torch.device("cpu"), rank=0, world_size=world_size,
-                                                   memory_format=torch.channels_last)
+    what main.py checks and builds before training."""
+    return lambda args, local_rank: Rank0Alone("cpu", torch.device("cpu"), rank=0, world_size=world_size,
+                                              memory_format=torch.channels_last)
 
 
 def test_a_global_batch_that_does_not_split_across_the_processes_is_an_error(image_folder, tmp_path, monkeypatch,
