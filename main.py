@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -43,15 +44,22 @@ def main(argv=None):
 
 
 def main_worker(local_rank, args):
-    """One process: train, turning a bad input or a failed collective into a one-line error."""
+    """One process: train, turning a bad input or a failed collective into a one-line error; among several ranks, the
+    rank that meets an unexpected error prints its traceback (rank k > 0: into rank<k>.log)."""
     try:
         with exit_on_user_error(), engine.StopRequest() as stop:
             train(local_rank, args, stop)
-    except RuntimeError as exc:
-        message = distributed.collective_failure(exc, args.dist_timeout)
-        if message is None:
+    except Exception as exc:
+        message = distributed.collective_failure(exc, args.dist_timeout) if isinstance(exc, RuntimeError) else None
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+        if not torch.distributed.is_initialized():
             raise
-        print(f"error: {message}", file=sys.stderr)
+        # Said here, before the cleanup below lets the other ranks see this one gone: the first of them to exit can
+        # make the launcher end this process, and the traceback with it.
+        traceback.print_exc()
+        sys.stderr.flush()
         sys.exit(1)
     finally:
         # Before the process exits: after an uncaught error, a loader's workers would otherwise keep it alive.

@@ -393,7 +393,7 @@ def test_cpu_amp_training_follows_the_fp32_loss_trajectory(image_folder, tmp_pat
 # Runs main.py with the loss raising on the N-th training step of one rank. The patch is at module level, so
 # the processes --multiprocessing-distributed spawns (which import this script as __mp_main__) get it too.
 FAILING_RUN = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     sys.path.insert(0, {root!r})
     import torch
     import torch.distributed as dist
@@ -412,6 +412,19 @@ FAILING_RUN = textwrap.dedent("""
         return original(self, output, target)
 
     torch.nn.CrossEntropyLoss.forward = failing_forward
+
+    # The failing rank lets the others go, then is slow to exit (as with loader workers slow to end): the first of
+    # the others to exit makes the launcher end it, so its traceback must be out before.
+    from training import distributed
+    original_cleanup = distributed.cleanup
+
+    def slow_cleanup():
+        failing = dist.is_initialized() and dist.get_rank() == fail_rank
+        original_cleanup()
+        if failing:
+            time.sleep(10)
+
+    distributed.cleanup = slow_cleanup
 
     if __name__ == "__main__":
         import main
