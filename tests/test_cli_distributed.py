@@ -2,6 +2,7 @@
 nodes (and one whose peer never comes), srun's tasks, and what happens when a rank is stopped, dies or hangs."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,12 +19,19 @@ from training.utils import state_digest
 
 
 def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
+    """Also: --save-every-minutes saves mid-epoch at the same steps on both ranks (ranks > 0 log rank 0's path)."""
     out = tmp_path / "ddp"
     summary_path = tmp_path / "ddp.json"
-    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0",
+    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0", "--print-freq", "1",
+                                                         "--save-every-minutes", "0.0001",
                                                          "--multiprocessing-distributed", "--device-list", "0,1",
                                                          "--summary-json", str(summary_path)))
     assert proc.returncode == 0, proc.stderr
+    position = r"saved \S+ at epoch (\d+), step (\d+)/(\d+)"
+    rank0 = re.findall(rf"=> {position}", (out / "train.log").read_text())
+    rank1 = re.findall(rf"=> rank 0 {position}", (out / "rank1.log").read_text())
+    # 18 images a rank in batches of 4: 4 steps; the epoch's own save follows the last.
+    assert rank0 == rank1 == [(epoch, step, "4") for epoch in "01" for step in "123"]
     summary = json.loads(summary_path.read_text())
     assert summary["world_size"] == 2
     assert summary["val_images"] == 15  # 15 images over 2 ranks: no padding, no drop

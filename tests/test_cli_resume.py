@@ -1,11 +1,10 @@
 """main.py stopped and started again: SIGTERM, Ctrl-C, kills and periodic saves (--save-every-minutes) with exact
-resume, --resume auto and the refusal to replace another run's checkpoint, the demo and the launchers' accuracy
-runs run again, --resume of other files, --start-epoch, a new --lr, version-1 stems."""
+resume, --resume auto and the refusal to replace another run's checkpoint, the demo run again, --resume of other
+files, --start-epoch, a new --lr, version-1 stems."""
 import csv
 import errno
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,9 +15,8 @@ import torch
 import torchvision
 
 import main
-from helpers import (NETWORK, ROOT, TINY, clean_env, expect_error, launch_ok, popen_main, read_case,
-                     run_main_in_process, run_main_subprocess, scaler_state, tiny_flags, v1_checkpoint, wait_for_text,
-                     weights, without, write_image_folder)
+from helpers import (ROOT, clean_env, expect_error, popen_main, run_main_in_process, run_main_subprocess, scaler_state,
+                     tiny_flags, v1_checkpoint, wait_for_text, weights, without, write_image_folder)
 from training import checkpoint, engine
 from training.precision import Precision
 
@@ -400,30 +398,6 @@ def test_a_periodic_save_lands_mid_epoch_and_a_killed_run_resumes_from_it(image_
     assert f"=> saved {path} at epoch 1, step 2/4 (--save-every-minutes 0.0001)" in (tmp_path / "train.log").read_text()
     resumed = run_main_in_process(image_folder, *flags)
     assert resumed["weights_sha256"] == straight[0]["weights_sha256"]
-
-
-def test_two_gloo_processes_save_at_the_same_steps(image_folder, tmp_path):
-    proc = run_main_subprocess(image_folder, *tiny_flags(tmp_path, "--epochs", "1", "--no-val", "--print-freq", "1",
-                                                         *EVERY_STEP, "--multiprocessing-distributed", "--device-list",
-                                                         "0,1"), env=clean_env(), timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    position = r"saved \S+ at epoch (\d+), step (\d+)/(\d+)"
-    rank0 = re.findall(rf"=> {position}", (tmp_path / "train.log").read_text())
-    rank1 = re.findall(rf"=> rank 0 {position}", (tmp_path / "rank1.log").read_text())
-    # 18 images a rank in batches of 4: 4 steps; the epoch's own save follows the last.
-    assert rank0 == rank1 == [("0", "1", "4"), ("0", "2", "4"), ("0", "3", "4")]
-    assert len(torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, weights_only=True)["rng"]) == 2
-
-
-def test_a_full_launcher_run_again_continues_its_checkpoint(image_folder, tmp_path):
-    """The launchers' accuracy runs write to the same folder every time: run again, they go on from there."""
-    flags = (f"--data_path={image_folder}", "--device=cpu", "--batch_size=8", "--workers=0", "--amp_level=off",
-             f"--output_root={tmp_path}")
-    launch_ok("train_full_1p.sh", *flags, "--epochs=1", *TINY)
-    result = launch_ok("train_full_1p.sh", *flags, "--epochs=2", *TINY)
-    assert "--resume auto" in result.stdout
-    _, summary = read_case(tmp_path / "0", f"{NETWORK}_bs8_1p_acc")
-    assert [row["epoch"] for row in summary["history"]] == [1]
 
 
 def test_a_run_sigkilled_after_a_periodic_save_resumes_to_the_same_weights(image_folder, straight, tmp_path):

@@ -241,9 +241,11 @@ def test_performance_1p_synthetic(tmp_path):
 
 
 def test_full_1p_image_folder(data_dir, tmp_path):
-    result = launch_ok("train_full_1p.sh", f"--data_path={data_dir}", "--device=cpu", "--device_id=3",
-                       "--batch_size=4", "--epochs=2", "--lr=0.05", "--workers=1", "--amp_level=off",
-                       f"--output_root={tmp_path}", *TINY, "--fps-warmup-steps", "1")
+    """An accuracy run, then the same launch with one more epoch: the launchers write to the same folder every time,
+    and an accuracy run goes on from its checkpoint (--resume auto)."""
+    flags = (f"--data_path={data_dir}", "--device=cpu", "--device_id=3", "--batch_size=4", "--lr=0.05", "--workers=1",
+             "--amp_level=off", f"--output_root={tmp_path}")
+    result = launch_ok("train_full_1p.sh", *flags, "--epochs=2", *TINY, "--fps-warmup-steps", "1")
     out_dir = tmp_path / "3"
     case = f"{NETWORK}_bs4_1p_acc"
     fields, summary = read_case(out_dir, case)
@@ -258,6 +260,11 @@ def test_full_1p_image_folder(data_dir, tmp_path):
     assert float(fields["TrainAccuracy"]) == pytest.approx(summary["val_acc1"], abs=5e-4)
     assert float(fields["ActualLoss"]) == pytest.approx(summary["train_loss"], abs=5e-5)
     assert (out_dir / "checkpoint.pth.tar").is_file()
+
+    again = launch_ok("train_full_1p.sh", *flags, "--epochs=3", *TINY, "--fps-warmup-steps", "1")
+    assert "--resume auto" in again.stdout
+    _, summary = read_case(out_dir, case)
+    assert [row["epoch"] for row in summary["history"]] == [2]
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,6 @@ print(f"compat_check: torch {torch.__version__}, torchvision {torchvision.__vers
 echo "compat_check: installed in ${installed} s"
 start=$SECONDS
 status=0
-"$venv/bin/python" -m pytest -q tests || status=$?
+"$venv/bin/python" -m pytest -q -n auto --dist loadfile tests || status=$?
 echo "compat_check: torch $torch_version: tests took $((SECONDS - start)) s, pytest exit status $status"
 exit "$status"
