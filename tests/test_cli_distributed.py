@@ -19,7 +19,8 @@ from training.utils import state_digest
 
 
 def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tmp_path):
-    """Also: --save-every-minutes saves mid-epoch at the same steps on both ranks (ranks > 0 log rank 0's path)."""
+    """Also: rank 0 lists the folder once for both ranks (rank 1 and a later -e run in the folder read its listing),
+    and --save-every-minutes saves mid-epoch at the same steps on both ranks (ranks > 0 log rank 0's path)."""
     out = tmp_path / "ddp"
     summary_path = tmp_path / "ddp.json"
     proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "2", "--seed", "0", "--print-freq", "1",
@@ -32,6 +33,11 @@ def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tm
     rank1 = re.findall(rf"=> rank 0 {position}", (out / "rank1.log").read_text())
     # 18 images a rank in batches of 4: 4 steps; the epoch's own save follows the last.
     assert rank0 == rank1 == [(epoch, step, "4") for epoch in "01" for step in "123"]
+    rank0, rank1 = (out / "train.log").read_text(), (out / "rank1.log").read_text()
+    for split in ("train", "val"):
+        assert re.search(rf"=> {re.escape(os.path.join(image_folder, split))}: \d+ images listed in ", rank0), rank0
+        assert f"{os.path.join(image_folder, split)}: " in rank1
+    assert rank1.count("read from the listing cache") == 2 and " listed in " not in rank1
     summary = json.loads(summary_path.read_text())
     assert summary["world_size"] == 2
     assert summary["val_images"] == 15  # 15 images over 2 ranks: no padding, no drop
@@ -41,8 +47,9 @@ def test_two_gloo_processes_train_and_count_each_val_image_once(image_folder, tm
     # A single process scoring the saved weights gets what the two ranks did together: the same accuracy and, to
     # float rounding (1e-7 measured), the same loss; with each rank's own BatchNorm statistics, rank 1's half
     # would score other weights.
-    single = run_main_in_process(image_folder, *tiny_flags(tmp_path / "single", "--evaluate", "--resume",
+    single = run_main_in_process(image_folder, *tiny_flags(out, "--evaluate", "--resume",
                                                            str(out / "checkpoint.pth.tar")))
+    assert (out / "train.log").read_text().count("read from the listing cache") == 1  # val/'s
     assert single["val_acc1"] == pytest.approx(summary["val_acc1"])
     assert single["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert single["val_images"] == 15

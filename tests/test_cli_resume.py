@@ -119,7 +119,8 @@ def test_sigterm_then_resume_ends_with_identical_weights(image_folder, straight,
         assert all(row["train_loss"] is not None and row["val_acc1"] is not None for row in resumed["history"])
         with open(tmp_path / "metrics.csv") as handle:
             rows = list(csv.DictReader(handle))
-        assert [row["epoch"] for row in rows] == ["0", "1"] and all(row["train_loss"] and row["val_acc1"] for row in rows)
+        assert [row["epoch"] for row in rows] == ["0", "1"]
+        assert all(row["train_loss"] and row["val_acc1"] for row in rows)
 
 
 def test_ctrl_c_with_loader_workers_saves_and_exits(image_folder, tmp_path):
@@ -347,7 +348,8 @@ def test_resume_auto_refuses_another_runs_checkpoint_in_one_line(image_folder, t
     out = tmp_path / "out"
     run_main_in_process(image_folder, *tiny_flags(out, *SHORT_RUN))
     saved = (out / checkpoint.CHECKPOINT_NAME).read_bytes()
-    expect_error(capsys, [image_folder, *tiny_flags(out, *SHORT_RUN, "--resume", "auto", "-a", "mnasnet0_75", "-b", "4")],
+    expect_error(capsys, [image_folder, *tiny_flags(out, *SHORT_RUN, "--resume", "auto", "-a", "mnasnet0_75",
+                                                    "-b", "4")],
                  "is another run's checkpoint", "-a mnasnet0_5 (this run: mnasnet0_75)",
                  "global batch -b 8 (this run: 4)", "finished its 1 epochs", "--output-dir")
     two_classes = write_image_folder(tmp_path / "two", 3, 1, classes={"a": (200, 40, 40), "b": (40, 190, 60)})

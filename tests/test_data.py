@@ -2,7 +2,6 @@
 import logging
 import multiprocessing
 import os
-import re
 
 import numpy as np
 import pytest
@@ -439,19 +438,3 @@ def test_an_unwritable_file_list_cache_is_no_error(tmp_path, listing_log):
     listed, said = _listed(data.FileLists(str(not_a_folder), cpu_runtime(), log), train, ["a", "b"], caplog)
     assert listed == list(data.list_images(train, ["a", "b"]))
     assert " listed in " in said and "could not write the listing cache" in said
-
-
-def test_rank_0_lists_once_for_all_ranks_and_the_next_run(image_folder, tmp_path):
-    from helpers import run_main_in_process, run_main_subprocess, tiny_flags
-    out = tmp_path / "ddp"
-    proc = run_main_subprocess(image_folder, *tiny_flags(out, "--epochs", "1", "--max-steps", "1", "--seed", "0",
-                                                         "--multiprocessing-distributed", "--device-list", "0,1"))
-    assert proc.returncode == 0, proc.stderr
-    rank0, rank1 = (out / "train.log").read_text(), (out / "rank1.log").read_text()
-    for split in ("train", "val"):
-        assert re.search(rf"=> {re.escape(os.path.join(image_folder, split))}: \d+ images listed in ", rank0), rank0
-        assert f"{os.path.join(image_folder, split)}: " in rank1
-    assert rank1.count("read from the listing cache") == 2 and " listed in " not in rank1
-    # An evaluation of the run's checkpoint in its output folder reads val/'s listing too.
-    run_main_in_process(image_folder, *tiny_flags(out, "-e", "--resume", str(out / "checkpoint.pth.tar")))
-    assert (out / "train.log").read_text().count("read from the listing cache") == 1

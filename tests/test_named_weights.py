@@ -260,7 +260,8 @@ def test_every_validation_pipeline_resamples_with_interpolation(photo_folder, tm
     _, val_set = main.build_datasets(args, resume_path="")
     _, val_loader, _ = main.build_loaders(None, val_set, cpu_runtime(), args, log=None)
     images, _ = next(iter(val_loader))
-    mean, std = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None], torch.tensor(transforms.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(transforms.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(transforms.IMAGENET_STD)[:, None, None]
     pixels = (images[0].float() * std + mean) * 255
 
     path = photo_folder / "val" / "n01" / "photo.JPEG"

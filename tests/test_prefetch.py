@@ -11,7 +11,8 @@ from training.utils import UserError
 
 
 def test_device_decode_replaces_in_training_and_drops_in_validation(tmp_path, caplog):
-    paths = [write_jpeg(tmp_path / "a.JPEG", 1), write_jpeg_with_corrupt_scan(tmp_path / "bad.JPEG"), write_jpeg(tmp_path / "c.JPEG", 2)]
+    paths = [write_jpeg(tmp_path / "a.JPEG", 1), write_jpeg_with_corrupt_scan(tmp_path / "bad.JPEG"),
+             write_jpeg(tmp_path / "c.JPEG", 2)]
     files = [pipeline.bytes_loader(p) for p in paths]
     log = types.SimpleNamespace(warning=lambda message: logged.append(message))
     logged = []

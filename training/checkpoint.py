@@ -336,7 +336,8 @@ def load_model(path, arch=None):
     saved_arch = obj.get("arch") if isinstance(obj, dict) else None
     arch = arch or timm_keys.TIMM_ARCHS.get(saved_arch, saved_arch)
     if arch is None:
-        raise UserError(f"{path} does not say which model it holds; give -a/--arch ({', '.join(sorted(mnasnet.ARCHS))})")
+        archs = ", ".join(sorted(mnasnet.ARCHS))
+        raise UserError(f"{path} does not say which model it holds; give -a/--arch ({archs})")
     if arch not in mnasnet.ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(sorted(mnasnet.ARCHS))}")
     classifier = classifier_weight(model_state(obj))
