@@ -61,7 +61,9 @@ def _first_imports(path):
 
 def test_every_entry_point_switches_torch_npu_autoload_off_before_anything_imports_torch():
     """An import sorter moves ``from training import autoload_off`` below ``import torch`` unless told not to;
-    then torch autoloads a torch_npu that cannot load and every run fails (training/autoload_off.py)."""
+    then torch autoloads a torch_npu that cannot load and every run fails (training/autoload_off.py). With
+    test_devices.py's runs of main.py next to such a torch_npu, which prove the switch works, this holds for every
+    command."""
     entry_points = [f"{name}.py" for name in sorted(COMMANDS)] + ["tools/device_check.py", "tools/onnx_to_om.py"]
     for entry_point in entry_points:
         imports = _first_imports(os.path.join(ROOT, entry_point))
