@@ -2,14 +2,12 @@
 --npu-internal-format, --tf32, --deterministic) through each library's own names, and their log line."""
 import argparse
 import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
-from helpers import (BROKEN_NPU_SITE, ONE_STEP, ROOT, clean_env, device_args, run_main_in_process, run_main_subprocess,
+from helpers import (BROKEN_NPU_SITE, ONE_STEP, clean_env, device_args, run_main_in_process, run_main_subprocess,
                      tiny_flags)
 from standins.npu_settings import npu_module
 from training import devices, distributed
