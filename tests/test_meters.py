@@ -1,9 +1,12 @@
 """training/meters.py: the step breakdown, the data wait share over the measured steps only, and the slow-loader
 warning."""
 import csv
+import logging
 import time
+import types
 
 import pytest
+import torch
 
 from helpers import run_main_in_process, tiny_flags
 from training import data, meters
@@ -79,3 +82,30 @@ def test_data_wait_share_leaves_the_warm_up_steps_out(tmp_path, monkeypatch):
     assert summary["data_wait_share"] < meters.StepBreakdown.SLOW_LOADER_SHARE
     assert summary["data_ms"] < 100
     assert "cannot keep up" not in (out / "train.log").read_text()
+
+
+def test_a_mid_epoch_save_stays_out_of_the_step_times_and_their_split(monkeypatch):
+    """A step waits 0.1 s for its batch and computes for 1 s; a 30 s save after step 2 (engine.train_one_epoch's
+    --save-every-minutes) is left out of the printed times, the FPS window and the data/copy/compute split."""
+    clock = [0.0]
+    monkeypatch.setattr(meters.time, "perf_counter", lambda: clock[0])
+    runtime = types.SimpleNamespace(device=torch.device("cpu"))
+    progress = meters.EpochProgress(runtime, types.SimpleNamespace(copy_seconds=0.0), 0, 4, 0)
+    progress.start(0)
+    loss, output, labels = torch.tensor(1.0), torch.zeros(2, 10), torch.zeros(2, dtype=torch.long)
+    for step in range(4):
+        clock[0] += 0.1
+        progress.batch_arrived()
+        clock[0] += 1.0
+        progress.step_done(loss, output, labels, 1)
+        progress.log_line(logging.getLogger("test"), step, meters.SkippedSteps())
+        if step == 1:
+            clock[0] += 30.0
+            progress.leave_out(30.0)
+        progress.step_end()
+    assert progress.breakdown.steps == 4
+    assert progress.breakdown.means_ms() == pytest.approx({"data_ms": 100.0, "copy_ms": 0.0, "compute_ms": 1000.0})
+    assert progress.step_time.mean == pytest.approx(1.1)
+    throughput = meters.ThroughputMeter(0)
+    progress.add_window(throughput, 4)
+    assert throughput.seconds == pytest.approx(4.4)

@@ -198,10 +198,12 @@ class EpochProgress:
         self.last_step_end = time.perf_counter()
 
     def leave_out(self, seconds):
-        """Take ``seconds`` spent outside the steps (a mid-epoch save) out of the interval's and the window's time."""
+        """Take ``seconds`` spent outside the steps (a mid-epoch save) out of every span that times steps: the
+        printed interval's, the FPS window's and the breakdown's since its last mark."""
         self.interval_start += seconds
         if self.window_start is not None:
             self.window_start += seconds
+            self.window_mark += seconds
 
     def open_window(self):
         self._open_window_at(time.perf_counter())
