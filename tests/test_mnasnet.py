@@ -260,11 +260,17 @@ def test_state_dict_both_ways(arch):
     assert_same_state(theirs.state_dict(), ours.state_dict())
 
 
+def _same_weights(arch, training):
+    """(ours, torchvision's) with torchvision's random weights in both, in training or evaluation mode."""
+    theirs = randomize(_torchvision(arch)).train(training)
+    ours = _ours(arch).train(training)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_eval_outputs_match(arch):
-    theirs = randomize(_torchvision(arch)).eval()
-    ours = _ours(arch).eval()
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = _same_weights(arch, training=False)
     x = _small_input()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
@@ -272,9 +278,7 @@ def test_eval_outputs_match(arch):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_train_outputs_grads_and_stats_match(arch):
-    theirs = randomize(_torchvision(arch)).train()
-    ours = _ours(arch).train()
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = _same_weights(arch, training=True)
     x = _small_input()
     outputs = []
     for model in (ours, theirs):
